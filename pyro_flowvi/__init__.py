@@ -1,0 +1,7 @@
+"""pyro-flowvi: normalizing-flow variational inference for Pyro."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,93 @@
+r"""Learnable elementwise affine layer, the base of every guide.
+
+.. math::
+
+    y = \mu + \sigma \odot x, \qquad \log|\det J| = \sum_i \log \sigma_i
+
+with :math:`\sigma = \mathrm{softplus}(\rho)` kept positive. A conditional layer takes
+:math:`(\mu, \rho)` from a linear head on the context, which makes it the diagonal Gaussian of
+a VAE encoder.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ElementwiseAffine"]
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Flow
+
+
+class ElementwiseAffine(Flow):
+    r"""Elementwise :math:`y = \mu + \sigma \odot x` with a positive, learnable scale.
+
+    Arguments:
+        input_dim: D.
+        loc: initial :math:`\mu`, a float or a tensor of shape ``(D,)`` (default 0).
+        scale: initial :math:`\sigma > 0`, a float or a tensor of shape ``(D,)`` (default 1).
+        learn_loc: whether :math:`\mu` is learned; ``False`` keeps it at 0 (a pure scaling).
+        context_dim: for a conditional layer, :math:`(\mu, \rho)` come from a linear head on
+            the context whose bias starts at ``(loc, softplus^{-1}(scale))``.
+
+    Example:
+        >>> layer = ElementwiseAffine(3, loc=torch.zeros(3), scale=0.1)
+        >>> y, ladj = layer(torch.randn(10, 3))
+    """
+
+    has_inverse = True
+
+    def __init__(
+        self,
+        input_dim: int,
+        loc: float | Tensor = 0.0,
+        scale: float | Tensor = 1.0,
+        learn_loc: bool = True,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__(input_dim, context_dim)
+        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
+        if not bool(torch.all(scale_t > 0)):
+            raise ValueError(f"ElementwiseAffine: scale must be > 0, got {scale}")
+        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
+        loc_t = torch.broadcast_to(loc_t, (input_dim,)).clone()
+        raw = torch.broadcast_to(scale_t, (input_dim,)).clone()
+        raw = raw + torch.log(-torch.expm1(-raw))  # inverse softplus
+        self.learn_loc = learn_loc
+        if context_dim is None:
+            self.raw_scale = nn.Parameter(raw)
+            if learn_loc:
+                self.loc = nn.Parameter(loc_t)
+            else:
+                self.register_buffer("loc", torch.zeros(input_dim))
+        else:
+            out = 2 * input_dim if learn_loc else input_dim
+            self.head = nn.Linear(context_dim, out)
+            nn.init.zeros_(self.head.weight)
+            with torch.no_grad():
+                self.head.bias.copy_(torch.cat([loc_t, raw]) if learn_loc else raw)
+
+    def loc_scale(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The current ``(loc, scale)``, of shape ``(D,)`` or ``(..., D)`` with a context."""
+        self._check_context(context)
+        if self.context_dim is None:
+            return self.loc, F.softplus(self.raw_scale)
+        out = self.head(context)
+        if self.learn_loc:
+            loc, raw = out.split(self.input_dim, dim=-1)
+        else:
+            loc, raw = torch.zeros_like(out), out
+        return loc, F.softplus(raw)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        loc, scale = self.loc_scale(context)
+        y = loc + scale * x
+        ladj = scale.log().sum(-1).expand(y.shape[:-1])
+        return y, ladj
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        loc, scale = self.loc_scale(context)
+        x = (y - loc) / scale
+        ladj = -scale.log().sum(-1).expand(x.shape[:-1])
+        return x, ladj

@@ -1,0 +1,177 @@
+r"""The flow-layer protocol shared by every family in :mod:`pyro_flowvi.flows`.
+
+A flow layer is an :class:`torch.nn.Module` that maps a batch of points to their images and the
+log-absolute-determinant of the Jacobian in **one pass**:
+
+.. math::
+
+    (y, \log |\det \partial y / \partial x|) = f(x; c)
+
+where :math:`c` is an optional context vector (the output of an encoder for amortized flows).
+Nothing is cached between calls: the density of any point is computed from the point itself.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Flow", "Compose", "Reverse", "Permute", "check_input_dim"]
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def check_input_dim(name: str, input_dim: int) -> int:
+    """Validate a layer's ``input_dim`` and return it as an int."""
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"{name}: input_dim must be a positive int, got {input_dim!r}")
+    return input_dim
+
+
+class Flow(nn.Module):
+    r"""Base class of every flow layer.
+
+    Subclass contract:
+
+    - ``__init__(input_dim, ..., context_dim=None)``: every argument but the sizes has a
+      default. With ``context_dim=None`` the parameters are tensors owned by the module; with
+      an int, the layer is *conditional* and its parameters are produced from a context of
+      shape ``(..., context_dim)`` by heads owned by the module.
+    - ``forward(x, context=None) -> (y, ladj)`` with ``x`` and ``y`` of shape ``(..., D)``
+      and ``ladj = log|det dy/dx|`` of shape ``(...)``. ``context`` (conditional layers only)
+      has shape ``(..., context_dim)`` and broadcasts against the batch shape of ``x``.
+    - ``inverse(y, context=None) -> (x, ladj)`` where ``ladj = log|det dx/dy|`` (the
+      log-determinant of the inverse map, i.e. minus the forward one at ``x``). Layers with no
+      closed-form or numerical inverse keep ``has_inverse = False`` and raise.
+    - A freshly built layer is the identity or close to it, so that a guide starts where its
+      diagonal-Gaussian base starts.
+
+    Attributes:
+        input_dim: D, the size of the event.
+        context_dim: size of the context for conditional layers, ``None`` otherwise.
+        has_inverse: whether :meth:`inverse` is implemented.
+    """
+
+    has_inverse: bool = False
+
+    def __init__(self, input_dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.input_dim = check_input_dim(type(self).__name__, input_dim)
+        if context_dim is not None:
+            context_dim = check_input_dim(type(self).__name__ + " (context_dim)", context_dim)
+        self.context_dim = context_dim
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no inverse, so the density of an arbitrary point is "
+            "unavailable; score the samples it produced with rsample_and_log_prob instead"
+        )
+
+    def _check_context(self, context: Tensor | None) -> None:
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError(
+                    f"{type(self).__name__} was built without context_dim but got a context "
+                    f"of shape {tuple(context.shape)}"
+                )
+        elif context is None:
+            raise ValueError(
+                f"{type(self).__name__} is conditional (context_dim={self.context_dim}) "
+                "and needs a context"
+            )
+        elif context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects a context of last dim {self.context_dim}, got "
+                f"shape {tuple(context.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        extra = f"input_dim={self.input_dim}"
+        if self.context_dim is not None:
+            extra += f", context_dim={self.context_dim}"
+        return extra
+
+
+class Compose(Flow):
+    """Apply several layers in order; the log-determinants add up.
+
+    Arguments:
+        layers: the layers, all with the same ``input_dim``; conditional layers receive the
+            context given to :meth:`forward`, the others do not.
+    """
+
+    def __init__(self, layers: Iterable[Flow]) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Compose needs at least one layer")
+        dims = {layer.input_dim for layer in layers}
+        if len(dims) != 1:
+            raise ValueError(f"Compose: layers disagree on input_dim: {sorted(dims)}")
+        context_dims = {layer.context_dim for layer in layers} - {None}
+        if len(context_dims) > 1:
+            raise ValueError(f"Compose: layers disagree on context_dim: {sorted(context_dims)}")
+        super().__init__(dims.pop(), context_dims.pop() if context_dims else None)
+        self.layers = nn.ModuleList(layers)
+        self.has_inverse = all(layer.has_inverse for layer in layers)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = x.new_zeros(())
+        for layer in self.layers:
+            x, step = layer(x, context if layer.context_dim is not None else None)
+            ladj = ladj + step
+        return x, ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        for layer in self.layers:
+            if not layer.has_inverse:
+                return layer.inverse(y)  # raises the layer's own error
+        ladj = y.new_zeros(())
+        for layer in reversed(self.layers):
+            y, step = layer.inverse(y, context if layer.context_dim is not None else None)
+            ladj = ladj + step
+        return y, ladj.expand(y.shape[:-1]) if ladj.dim() == 0 else ladj
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.layers)
+
+
+class Permute(Flow):
+    """A fixed permutation of the coordinates (log-determinant zero).
+
+    Arguments:
+        input_dim: D.
+        permutation: a permutation of ``range(D)``; random (seeded by torch) when omitted.
+    """
+
+    has_inverse = True
+
+    def __init__(self, input_dim: int, permutation: Tensor | None = None) -> None:
+        super().__init__(input_dim)
+        if permutation is None:
+            permutation = torch.randperm(input_dim)
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        if sorted(permutation.tolist()) != list(range(input_dim)):
+            raise ValueError(
+                f"Permute: not a permutation of range({input_dim}): {permutation.tolist()}"
+            )
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
+
+
+class Reverse(Permute):
+    """Reverse the order of the coordinates (used between autoregressive layers)."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__(input_dim, torch.arange(input_dim - 1, -1, -1))

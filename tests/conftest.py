@@ -1,0 +1,24 @@
+"""Every test runs in float64, seeded, with a clean parameter store."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+
+def pytest_runtest_setup(item):
+    if "cuda" in item.keywords and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _float64_seeded_clean():
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+    torch.set_default_dtype(dtype)
