@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from .affine import ElementwiseAffine
 from .base import Compose, Flow, Permute, Reverse
+from .householder import Householder
+from .iaf import IAF
+from .made import MADE, MaskedLinear
+from .planar import Planar
+from .radial import Radial
+from .sylvester import Sylvester
 
 __all__ = [
+    "IAF",
+    "MADE",
     "Compose",
     "ElementwiseAffine",
     "Flow",
+    "Householder",
+    "MaskedLinear",
     "Permute",
+    "Planar",
+    "Radial",
     "Reverse",
+    "Sylvester",
 ]

@@ -1,0 +1,272 @@
+r"""Sylvester flow (van den Berg et al., 2018), in the paper's order.
+
+.. math::
+
+    y = x + Q R\, h(\tilde R Q^\top x + b), \qquad
+    \log|\det J| = \sum_{i=1}^{M} \log\left|1 + h'\big((\tilde R Q^\top x + b)_i\big)\,
+    r_{ii} \tilde r_{ii}\right|
+
+with :math:`h = \tanh`, :math:`Q \in \mathbb{R}^{D \times M}` with orthonormal columns and
+:math:`R, \tilde R` upper-triangular :math:`M \times M`. Sylvester's determinant identity
+:math:`\det(I_D + Q R H \tilde R Q^\top) = \det(I_M + H \tilde R R)` with
+:math:`H = \mathrm{diag}(h')` makes the Jacobian's determinant a product over a triangular
+matrix. The diagonals pass through :math:`\tanh`, so :math:`r_{ii} \tilde r_{ii} > -1` and the
+map is invertible.
+
+(Pyro's ``pyro.distributions.transforms.Sylvester`` computes
+:math:`x + h(x \tilde R Q^\top + b)\, Q R` with row vectors, i.e. the transposed products, for
+which the log-determinant above is wrong once :math:`R, \tilde R` have non-zero off-diagonals.)
+
+The inverse is numerical. With :math:`v = Q^\top x` the map reads
+:math:`Q^\top y = v + R h(\tilde R v + b)`, whose component :math:`i` depends on
+:math:`v_i, \ldots, v_M` only: back-substitution from :math:`i = M` down to 1 solves one scalar
+increasing equation :math:`v_i + r_{ii} \tanh(\tilde r_{ii} v_i + s_i) = t_i` per component.
+The part of :math:`x` orthogonal to the columns of :math:`Q` is left unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Sylvester"]
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Flow
+from .householder import _apply_reflections
+from .planar import _solve_tanh_equation
+
+_VARIANTS = ("orthogonal", "householder", "triangular")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _orthogonalize(matrix: Tensor, max_iter: int = 50) -> Tensor:
+    r"""Orthonormalise the columns of ``matrix`` (``(..., D, M)``, ``M <= D``).
+
+    Björck's iteration :math:`Q \leftarrow Q (I + (I - Q^\top Q) / 2)` after dividing by the
+    Frobenius norm (all singular values then lie in (0, 1], where the iteration converges). It
+    stops two steps after :math:`\|Q^\top Q - I\|_F` falls below the square root of the dtype's
+    epsilon (the convergence is quadratic, so that reaches rounding level), or at ``max_iter``.
+    """
+    q = matrix / torch.linalg.matrix_norm(matrix, keepdim=True)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    threshold = math.sqrt(torch.finfo(q.dtype).eps)
+    polished = 0
+    for _ in range(max_iter):
+        residual = q.mT @ q - eye
+        if float(torch.linalg.matrix_norm(residual.detach()).max()) <= threshold:
+            polished += 1
+            if polished > 2:
+                break
+        q = q - 0.5 * q @ residual
+    return q
+
+
+class Sylvester(Flow):
+    r"""Sylvester layer :math:`y = x + Q R \tanh(\tilde R Q^\top x + b)`.
+
+    A fresh layer is the identity: :math:`R = 0`, :math:`b = 0`, and
+    :math:`\tilde R = \tanh(1) I` so that gradients reach :math:`R` from the first step.
+
+    Arguments:
+        input_dim: D.
+        variant: how :math:`Q` is built. ``"orthogonal"``: Björck orthogonalisation of a learned
+            ``D x M`` matrix (started at a random orthonormal one). ``"householder"``: a product
+            of ``num_householder`` reflections (``M = D``). ``"triangular"``: the identity, or
+            the reversal permutation when ``flip`` (``M = D``).
+        num_ortho_vectors: M, the number of columns of :math:`Q` (default D); only the
+            orthogonal variant allows ``M < D``.
+        num_householder: reflections in :math:`Q` for the Householder variant
+            (default ``min(D, 8)``).
+        flip: use the reversal permutation as :math:`Q` in the triangular variant (a stack
+            alternates it between layers). It has no effect on the other variants, whose learned
+            :math:`Q` can represent the reversal.
+        context_dim: for a conditional layer (the amortized form of the paper), the
+            diagonals, off-diagonals, :math:`b` and the source of :math:`Q` (the ``D x M``
+            matrix or the reflection vectors) come from a linear head on the context of shape
+            ``(..., context_dim)``; its weight starts at zero and its bias at the unconditional
+            initial values, and :math:`Q` is orthogonalised per batch element.
+
+    Example:
+        >>> layer = Sylvester(4, variant="orthogonal", num_ortho_vectors=2)
+        >>> y, ladj = layer(torch.randn(10, 4))  # y: (10, 4), ladj: (10,)
+        >>> x, ladj_inv = layer.inverse(y)  # numerical inverse, ladj_inv == -ladj
+
+    References:
+        Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
+        arXiv 1803.05649)
+    """
+
+    has_inverse = True
+
+    def __init__(
+        self,
+        input_dim: int,
+        variant: str = "orthogonal",
+        num_ortho_vectors: int | None = None,
+        num_householder: int | None = None,
+        flip: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__(input_dim, context_dim)
+        if variant not in _VARIANTS:
+            raise ValueError(f"Sylvester: variant must be one of {_VARIANTS}, got {variant!r}")
+        num_vectors = input_dim
+        if num_ortho_vectors is not None:
+            if not _is_positive_int(num_ortho_vectors) or num_ortho_vectors > input_dim:
+                raise ValueError(
+                    f"Sylvester: num_ortho_vectors must be an int in [1, input_dim={input_dim}], "
+                    f"got {num_ortho_vectors!r}"
+                )
+            num_vectors = num_ortho_vectors
+            if variant != "orthogonal" and num_vectors != input_dim:
+                raise ValueError(
+                    f"Sylvester: only variant='orthogonal' allows num_ortho_vectors < input_dim; "
+                    f"got num_ortho_vectors={num_ortho_vectors!r} with variant={variant!r}"
+                )
+        if num_householder is not None:
+            if variant != "householder":
+                raise ValueError(
+                    f"Sylvester: num_householder applies to variant='householder' only, got "
+                    f"num_householder={num_householder!r} with variant={variant!r}"
+                )
+            if not _is_positive_int(num_householder):
+                raise ValueError(
+                    f"Sylvester: num_householder must be a positive int, got {num_householder!r}"
+                )
+        else:
+            num_householder = min(input_dim, 8)
+        self.variant = variant
+        self.num_ortho_vectors = num_vectors
+        self.num_householder = num_householder if variant == "householder" else None
+        self.flip = bool(flip)
+
+        size = num_vectors
+        num_upper = size * (size - 1) // 2
+        inits: dict[str, Tensor] = {
+            "r_diag_raw": torch.zeros(size),
+            "r_tilde_diag_raw": torch.ones(size),
+            "b": torch.zeros(size),
+        }
+        if num_upper:
+            inits["r_upper"] = torch.zeros(num_upper)
+            inits["r_tilde_upper"] = torch.zeros(num_upper)
+        if variant == "orthogonal":
+            inits["q_raw"] = torch.linalg.qr(torch.randn(input_dim, size)).Q
+        elif variant == "householder":
+            inits["q_vectors"] = torch.randn(num_householder, input_dim)
+        self._shapes = {name: tuple(value.shape) for name, value in inits.items()}
+        if context_dim is None:
+            for name, value in inits.items():
+                self.register_parameter(name, nn.Parameter(value))
+        else:
+            bias = torch.cat([value.flatten() for value in inits.values()])
+            self.head = nn.Linear(context_dim, bias.numel())
+            nn.init.zeros_(self.head.weight)
+            with torch.no_grad():
+                self.head.bias.copy_(bias)
+        self.register_buffer("upper_index", torch.triu_indices(size, size, 1), persistent=False)
+
+    def _raw(self, context: Tensor | None) -> dict[str, Tensor]:
+        self._check_context(context)
+        if self.context_dim is None:
+            return {name: getattr(self, name) for name in self._shapes}
+        out = self.head(context)
+        sizes = [math.prod(shape) for shape in self._shapes.values()]
+        chunks = out.split(sizes, dim=-1)
+        return {
+            name: chunk.unflatten(-1, shape) if len(shape) > 1 else chunk
+            for (name, shape), chunk in zip(self._shapes.items(), chunks, strict=True)
+        }
+
+    def _triangular(self, diag: Tensor, upper: Tensor | None) -> Tensor:
+        matrix = torch.diag_embed(diag)
+        if upper is None:
+            return matrix
+        batch = torch.broadcast_shapes(diag.shape[:-1], upper.shape[:-1])
+        matrix = matrix.expand(batch + matrix.shape[-2:]).clone()
+        matrix[..., self.upper_index[0], self.upper_index[1]] = upper.expand(
+            batch + upper.shape[-1:]
+        )
+        return matrix
+
+    def _params(
+        self, context: Tensor | None
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        r"""``(Q, R, R~, b, diag R, diag R~)``; ``Q`` is ``None`` in the triangular variant.
+
+        Shapes: ``Q (..., D, M)``, ``R, R~ (..., M, M)``, the others ``(..., M)``.
+        """
+        raw = self._raw(context)
+        r_diag = torch.tanh(raw["r_diag_raw"])
+        r_tilde_diag = torch.tanh(raw["r_tilde_diag_raw"])
+        r = self._triangular(r_diag, raw.get("r_upper"))
+        r_tilde = self._triangular(r_tilde_diag, raw.get("r_tilde_upper"))
+        if self.variant == "orthogonal":
+            q = _orthogonalize(raw["q_raw"])
+        elif self.variant == "householder":
+            eye = torch.eye(self.input_dim, dtype=r.dtype, device=r.device)
+            # Row j of H_1 ... H_K is H_K ... H_1 e_j (each H_k is symmetric).
+            q = _apply_reflections(eye, raw["q_vectors"].unsqueeze(-3))
+        else:
+            q = None
+        return q, r, r_tilde, raw["b"], r_diag, r_tilde_diag
+
+    def _project(self, x: Tensor, q: Tensor | None) -> Tensor:
+        """:math:`Q^T x`, shape ``(..., M)``."""
+        if q is None:
+            return x.flip(-1) if self.flip else x
+        return (x.unsqueeze(-2) @ q).squeeze(-2)
+
+    def _embed(self, v: Tensor, q: Tensor | None) -> Tensor:
+        """:math:`Q v`, shape ``(..., D)``."""
+        if q is None:
+            return v.flip(-1) if self.flip else v
+        return (q @ v.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def _ladj(activation: Tensor, r_diag: Tensor, r_tilde_diag: Tensor) -> Tensor:
+        return torch.log1p((1 - activation**2) * r_diag * r_tilde_diag).sum(-1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        q, r, r_tilde, b, r_diag, r_tilde_diag = self._params(context)
+        v = self._project(x, q)
+        activation = torch.tanh((r_tilde @ v.unsqueeze(-1)).squeeze(-1) + b)
+        y = x + self._embed((r @ activation.unsqueeze(-1)).squeeze(-1), q)
+        return y, self._ladj(activation, r_diag, r_tilde_diag).expand(y.shape[:-1])
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        q, r, r_tilde, b, r_diag, r_tilde_diag = self._params(context)
+        w = self._project(y, q)  # = v + R tanh(R~ v + b)
+        v_parts: list[Tensor] = []  # v_M, v_{M-1}, ... as they are solved
+        act_parts: list[Tensor] = []
+        for i in range(self.num_ortho_vectors - 1, -1, -1):
+            target, shift = w[..., i], b[..., i]
+            if v_parts:
+                later_v = torch.stack(v_parts[::-1], dim=-1)  # v_{i+1}, ..., v_M
+                later_act = torch.stack(act_parts[::-1], dim=-1)
+                target = target - (r[..., i, i + 1 :] * later_act).sum(-1)
+                shift = shift + (r_tilde[..., i, i + 1 :] * later_v).sum(-1)
+            v_i = _solve_tanh_equation(target, r_diag[..., i], r_tilde_diag[..., i], shift)
+            v_parts.append(v_i)
+            act_parts.append(torch.tanh(r_tilde_diag[..., i] * v_i + shift))
+        v = torch.stack(v_parts[::-1], dim=-1)
+        activation = torch.stack(act_parts[::-1], dim=-1)
+        x = self._embed(v, q)
+        if self.num_ortho_vectors < self.input_dim:
+            x = x + (y - self._embed(w, q))  # the part orthogonal to Q's columns
+        return x, -self._ladj(activation, r_diag, r_tilde_diag).expand(x.shape[:-1])
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr() + f", variant={self.variant!r}"
+        if self.variant == "orthogonal":
+            extra += f", num_ortho_vectors={self.num_ortho_vectors}"
+        elif self.variant == "householder":
+            extra += f", num_householder={self.num_householder}"
+        else:
+            extra += f", flip={self.flip}"
+        return extra
