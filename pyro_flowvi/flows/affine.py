@@ -49,7 +49,7 @@ class ElementwiseAffine(Flow):
         super().__init__(input_dim, context_dim)
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
         if not bool(torch.all(scale_t > 0)):
-            raise ValueError(f"ElementwiseAffine: scale must be > 0, got {scale}")
+            raise ValueError(f"ElementwiseAffine: scale must be > 0, got {scale!r}")
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
         loc_t = torch.broadcast_to(loc_t, (input_dim,)).clone()
         raw = torch.broadcast_to(scale_t, (input_dim,)).clone()

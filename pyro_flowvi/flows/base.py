@@ -15,17 +15,17 @@ from __future__ import annotations
 
 __all__ = ["Flow", "Compose", "Reverse", "Permute", "check_input_dim"]
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 
-def check_input_dim(name: str, input_dim: int) -> int:
-    """Validate a layer's ``input_dim`` and return it as an int."""
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"{name}: input_dim must be a positive int, got {input_dim!r}")
-    return input_dim
+def check_input_dim(name: str, value: int, argument: str = "input_dim") -> int:
+    """Validate a positive size argument of layer ``name`` and return it as an int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {argument} must be a positive int, got {value!r}")
+    return value
 
 
 class Flow(nn.Module):
@@ -58,7 +58,7 @@ class Flow(nn.Module):
         super().__init__()
         self.input_dim = check_input_dim(type(self).__name__, input_dim)
         if context_dim is not None:
-            context_dim = check_input_dim(type(self).__name__ + " (context_dim)", context_dim)
+            context_dim = check_input_dim(type(self).__name__, context_dim, "context_dim")
         self.context_dim = context_dim
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -137,7 +137,7 @@ class Compose(Flow):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[Flow]:
         return iter(self.layers)
 
 
@@ -164,9 +164,11 @@ class Permute(Flow):
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
         return x[..., self.permutation], x.new_zeros(x.shape[:-1])
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
         return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
 
 

@@ -1,0 +1,21 @@
+"""The README's main job runs end to end with tiny arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+
+
+def test_quickstart_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("quickstart", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--num-steps", "3", "--num-draws", "50", "--dim", "3"])
+    args.outdir = str(tmp_path)
+    rows = module.main(args)
+    assert [row["guide"] for row in rows] == list(module.GUIDES)
+    assert all(math.isfinite(row["KL"]) and row["bound_ok"] for row in rows)
+    assert (tmp_path / "quickstart.csv").read_text().count("\n") == len(rows) + 1
