@@ -1,0 +1,634 @@
+r"""Amortized normalizing flows: an encoder drives conditional flows, for VAEs and for local
+latents in (subsampled) plates.
+
+An encoder network maps a data point :math:`x` to a context :math:`h(x)`. A diagonal Gaussian
+and :math:`K` conditional flow layers take their parameters from heads on :math:`h`:
+
+.. math::
+
+    z_0 = \mu(h) + \sigma(h) \odot \epsilon, \quad \epsilon \sim \mathcal N(0, I), \qquad
+    z_K = f_K(\cdots f_1(z_0; h) \cdots; h),
+
+    \log q(z_K \mid x) = \log \mathcal N(\epsilon; 0, I) - \sum_i \log \sigma_i(h)
+        - \sum_{k=1}^{K} \log \left| \det \partial f_k / \partial z_{k-1} \right|.
+
+The families follow van den Berg et al. (2018): planar and radial (Rezende & Mohamed, 2015),
+Householder (Tomczak & Welling, 2016), Sylvester with an orthogonal, Householder or triangular
+:math:`Q` (diagonals of :math:`R, \tilde R` through tanh, everything else from linear heads on
+the context) and IAF with the context as an extra input of the MADE (Kingma et al., 2016). The
+layers live in :mod:`pyro_flowvi.flows`; each becomes conditional when built with
+``context_dim``. The sample and :math:`\log q` come from one forward pass.
+
+For a model with local latents :math:`z_n` in a subsampled plate,
+:class:`AutoAmortizedFlowGuide` draws the :math:`z_n` of each mini-batch from the flow
+conditioned on :math:`h(x_n)`: the guide's size does not grow with the data set, and the same
+encoder serves every mini-batch and new data. It is one part of an
+:class:`~pyro.infer.autoguide.AutoGuideList`; the global latents come from any other guide.
+
+References:
+    Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
+    arXiv 1803.05649)
+    Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015, arXiv 1505.05770)
+    Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016,
+    arXiv 1606.04934)
+    Improving Variational Auto-Encoders using Householder Flow (Tomczak & Welling, 2016,
+    arXiv 1611.09630)
+    Auto-Encoding Variational Bayes (Kingma & Welling, 2014, arXiv 1312.6114)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FLOW_FAMILIES",
+    "AmortizedFlowDistribution",
+    "AutoAmortizedFlowGuide",
+    "FlowEncoder",
+    "conditional_flows",
+]
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.runtime import get_plates
+from torch import Tensor, nn
+
+from .distributions import FlowDistribution
+from .flows import Compose, ElementwiseAffine, Flow, Reverse
+from .flows.householder import Householder
+from .flows.iaf import IAF
+from .flows.planar import Planar
+from .flows.radial import Radial
+from .flows.sylvester import Sylvester
+
+#: The values of ``flow`` understood by :class:`FlowEncoder` and :func:`conditional_flows`.
+FLOW_FAMILIES: tuple[str | None, ...] = (
+    None,
+    "planar",
+    "radial",
+    "householder",
+    "iaf",
+    "sylvester-orthogonal",
+    "sylvester-householder",
+    "sylvester-triangular",
+)
+
+
+def _check_positive_int(site: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{site}: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def conditional_flows(
+    family: str | None,
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 4,
+    **options: Any,
+) -> list[Flow]:
+    """Build ``num_transforms`` conditional layers of one family (van den Berg et al., 2018).
+
+    Arguments:
+        family: one of :data:`FLOW_FAMILIES`; ``None`` gives no layer (a plain Gaussian
+            encoder).
+        latent_dim: D, the size of the latent.
+        context_dim: size of the context that every layer reads its parameters from.
+        num_transforms: K, the number of layers. IAF layers are separated by a reversal of the
+            coordinates; triangular Sylvester layers alternate between the identity and the
+            reversal as :math:`Q`.
+        **options: passed to each layer's constructor, e.g. ``hidden_dims`` for IAF or
+            ``num_ortho_vectors`` / ``num_householder`` for Sylvester.
+
+    Returns:
+        The list of layers, each with ``input_dim == latent_dim`` and ``context_dim`` set.
+
+    Example:
+        >>> layers = conditional_flows("sylvester-orthogonal", 8, context_dim=64)
+        >>> flow = Compose([ElementwiseAffine(8, context_dim=64), *layers])
+    """
+    site = "conditional_flows"
+    if family not in FLOW_FAMILIES:
+        raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {family!r}")
+    _check_positive_int(site, "num_transforms", num_transforms)
+    if family is None:
+        if options:
+            raise ValueError(f"{site}: flow=None takes no flow options, got {sorted(options)}")
+        return []
+    layers: list[Flow] = []
+    for k in range(num_transforms):
+        if family == "planar":
+            layers.append(Planar(latent_dim, context_dim=context_dim, **options))
+        elif family == "radial":
+            layers.append(Radial(latent_dim, context_dim=context_dim, **options))
+        elif family == "householder":
+            layers.append(Householder(latent_dim, context_dim=context_dim, **options))
+        elif family == "iaf":
+            if k:
+                layers.append(Reverse(latent_dim))
+            layers.append(IAF(latent_dim, context_dim=context_dim, **options))
+        else:
+            variant = family.split("-", 1)[1]
+            layers.append(
+                Sylvester(
+                    latent_dim,
+                    variant=variant,
+                    flip=bool(k % 2),
+                    context_dim=context_dim,
+                    **options,
+                )
+            )
+    return layers
+
+
+class AmortizedFlowDistribution(FlowDistribution):
+    r"""A :class:`~pyro_flowvi.distributions.FlowDistribution` that can score its own draws.
+
+    :meth:`rsample_and_log_prob` returns the draw and :math:`\log q` from one forward pass and
+    is what guides should call. So that ``pyro.sample("z", encoder(x))`` is also correct under
+    every Pyro ELBO (which calls ``fn.log_prob(value)`` on the value ``fn`` produced), the
+    distribution keeps its latest draw with the :math:`\log q` of that same pass, and
+    :meth:`log_prob` returns it for a value equal to that draw (same shape, same
+    ``requires_grad``, same entries). The match is on values, not on tensor identity, so the
+    reshaped draws of Pyro's ``ExpandedDistribution`` (vectorized particles) are scored too.
+    Any other value is scored through the inverse of the stack (every built-in family has one;
+    a stack with a layer that has none raises).
+
+    The returned :math:`\log q` of a draw carries the reparameterized (pathwise) gradient, the
+    one the ELBO estimators differentiate. A detached copy of a draw does not match (its
+    ``requires_grad`` differs) and goes through the inverse, whose gradient is that of the
+    density at a fixed point.
+
+    Arguments:
+        base: ``dist.Normal(0, 1)`` with event shape ``(D,)``.
+        flow: a conditional :class:`~pyro_flowvi.flows.Compose` whose first layer is the
+            encoder's :class:`~pyro_flowvi.flows.ElementwiseAffine`.
+        context: the encoder output, shape ``batch_shape + (context_dim,)``.
+
+    Example:
+        >>> q = encoder(x)                        # batch (B,), event (latent_dim,)
+        >>> z, log_q = q.rsample_and_log_prob()   # one pass
+        >>> q.log_prob(z)                         # the same log_q, without a second pass
+    """
+
+    def __init__(
+        self,
+        base: dist.TorchDistribution,
+        flow: Flow,
+        context: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__(base, flow, context, validate_args=validate_args)
+        self._draw: tuple[Tensor, Tensor] | None = None
+
+    def rsample_and_log_prob(
+        self, sample_shape: torch.Size | tuple[int, ...] = ()
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterized draws and their exact log-density from one forward pass.
+
+        Returns:
+            ``(z, log_q)`` of shapes ``sample_shape + batch_shape + (D,)`` and
+            ``sample_shape + batch_shape``.
+        """
+        z, log_q = super().rsample_and_log_prob(sample_shape)
+        self._draw = (z, log_q)
+        return z, log_q
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        return self.rsample_and_log_prob(sample_shape)[0]
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def _matches_draw(self, value: Tensor) -> bool:
+        if self._draw is None:
+            return False
+        z = self._draw[0]
+        return (
+            value.shape == z.shape
+            and value.requires_grad == z.requires_grad
+            and torch.equal(value, z)
+        )
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Log-density of the latest draw (from its own pass) or of any point (by inversion).
+
+        Raises:
+            ValueError: when ``value`` is not the latest draw and a layer of the stack has no
+                inverse (planar, radial, Sylvester).
+        """
+        if self._matches_draw(value):
+            return self._draw[1]
+        if not self.flow.has_inverse:
+            missing = sorted(
+                {type(layer).__name__ for layer in self.flow if not layer.has_inverse}
+            )
+            raise ValueError(
+                "AmortizedFlowDistribution.log_prob: the value of shape "
+                f"{tuple(value.shape)} is not this distribution's latest draw, and {missing} "
+                "layers have no inverse, so its density is unavailable. Score draws with "
+                "rsample_and_log_prob()."
+            )
+        return super().log_prob(value)
+
+    def expand(
+        self, batch_shape: torch.Size, _instance: AmortizedFlowDistribution | None = None
+    ) -> AmortizedFlowDistribution:
+        new = self._get_checked_instance(AmortizedFlowDistribution, _instance)
+        super().expand(batch_shape, _instance=new)
+        new._draw = None
+        return new
+
+
+class FlowEncoder(nn.Module):
+    r"""An encoder whose posterior family is a diagonal Gaussian pushed through a conditional flow.
+
+    The network :math:`h = \mathrm{MLP}(x)` gives the context; a conditional
+    :class:`~pyro_flowvi.flows.ElementwiseAffine` reads :math:`(\mu, \sigma)` from it, and the
+    ``num_transforms`` layers of the ``flow`` family read their parameters from it too (see
+    the module docstring for the density).
+
+    Arguments:
+        input_dim: size of one (flattened) data point.
+        latent_dim: size of the latent :math:`z`.
+        hidden_dims: widths of the MLP; the last one is the context size. Empty: the data
+            point itself is the context.
+        flow: one of :data:`FLOW_FAMILIES`: ``None`` (plain Gaussian), ``"planar"``,
+            ``"radial"``, ``"householder"``, ``"iaf"``, ``"sylvester-orthogonal"``,
+            ``"sylvester-householder"``, ``"sylvester-triangular"``.
+        num_transforms: K, the number of flow layers.
+        activation: the MLP's nonlinearity (a module class), default ``nn.ELU``.
+        init_loc: initial :math:`\mu` (float or ``(latent_dim,)``), the bias of its head.
+        init_scale: initial :math:`\sigma > 0`.
+        flow_options: keyword arguments for every flow layer (e.g. ``{"hidden_dims": [64]}``
+            for IAF, ``{"num_ortho_vectors": 8}`` for orthogonal Sylvester).
+
+    Calling the encoder on ``x`` of shape ``batch_shape + (input_dim,)`` returns an
+    :class:`AmortizedFlowDistribution` with that batch shape and event shape ``(latent_dim,)``.
+    In a VAE guide, either pattern gives the exact :math:`\log q(z \mid x)` to the ELBO:
+
+    .. code-block:: python
+
+        def guide(x):
+            pyro.module("encoder", encoder)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", encoder(x))
+
+        def guide(x):  # explicit: the sample and log q of one pass, never a lookup
+            pyro.module("encoder", encoder)
+            with pyro.plate("data", x.shape[0]):
+                z, log_q = encoder(x).rsample_and_log_prob()
+                pyro.sample("z", dist.Delta(z, log_density=log_q, event_dim=1))
+
+    The second one needs neither the draw record nor the inverse of
+    :class:`AmortizedFlowDistribution`, so it also suits custom layers without an inverse.
+
+    Example:
+        >>> encoder = FlowEncoder(64, 8, hidden_dims=(128,), flow="sylvester-orthogonal")
+        >>> q = encoder(torch.rand(32, 64))
+        >>> z, log_q = q.rsample_and_log_prob()   # (32, 8), (32,)
+
+    References:
+        Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
+        arXiv 1803.05649)
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (128, 128),
+        flow: str | None = None,
+        num_transforms: int = 4,
+        *,
+        activation: type[nn.Module] = nn.ELU,
+        init_loc: float | Tensor = 0.0,
+        init_scale: float = 1.0,
+        flow_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        site = "FlowEncoder"
+        self.input_dim = _check_positive_int(site, "input_dim", input_dim)
+        self.latent_dim = _check_positive_int(site, "latent_dim", latent_dim)
+        if isinstance(hidden_dims, int):
+            hidden_dims = (hidden_dims,)
+        hidden_dims = tuple(hidden_dims)
+        for width in hidden_dims:
+            _check_positive_int(site, f"hidden_dims entry (in {hidden_dims})", width)
+        if flow not in FLOW_FAMILIES:
+            raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {flow!r}")
+        if not isinstance(init_scale, (int, float)) or not init_scale > 0:
+            raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
+        self.hidden_dims = hidden_dims
+        self.family = flow
+        self.num_transforms = _check_positive_int(site, "num_transforms", num_transforms)
+        modules: list[nn.Module] = []
+        width = input_dim
+        for out in hidden_dims:
+            modules += [nn.Linear(width, out), activation()]
+            width = out
+        self.net = nn.Sequential(*modules)
+        self.context_dim = width
+        gaussian = ElementwiseAffine(
+            latent_dim, loc=init_loc, scale=float(init_scale), context_dim=width
+        )
+        layers = conditional_flows(flow, latent_dim, width, num_transforms, **(flow_options or {}))
+        self.flow = Compose([gaussian, *layers])
+
+    def context(self, x: Tensor) -> Tensor:
+        """The context :math:`h(x)`, shape ``batch_shape + (context_dim,)``."""
+        if x.dim() < 1 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"FlowEncoder: expected data of shape (..., {self.input_dim}), got "
+                f"{tuple(x.shape)}"
+            )
+        return self.net(x)
+
+    def forward(self, x: Tensor) -> AmortizedFlowDistribution:
+        """The posterior family at ``x``: batch shape ``x.shape[:-1]``, event ``(latent_dim,)``."""
+        h = self.context(x)
+        zeros = h.new_zeros(self.latent_dim)
+        base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return AmortizedFlowDistribution(base, self.flow, h)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, latent_dim={self.latent_dim}, flow={self.family!r}, "
+            f"num_transforms={self.num_transforms}"
+        )
+
+
+def _active_batch_shape() -> torch.Size:
+    """Batch shape of the vectorized plates around the current call."""
+    frames = [f for f in get_plates() if f.vectorized and f.dim is not None]
+    if not frames:
+        return torch.Size()
+    shape = [1] * -min(f.dim for f in frames)
+    for frame in frames:
+        shape[frame.dim] = frame.size
+    return torch.Size(shape)
+
+
+def _is_discrete(fn: dist.Distribution) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except NotImplementedError:  # dependent constraints without the flag
+        return False
+
+
+def _first_arg(*args: Any, **kwargs: Any) -> Tensor:
+    if not args:
+        raise ValueError(
+            "AutoAmortizedFlowGuide: the model was called without positional arguments, so the "
+            "default data_fn (the first argument) finds no data; pass data_fn"
+        )
+    return args[0]
+
+
+class AutoAmortizedFlowGuide(AutoGuide):
+    r"""An amortized flow guide for the local latents of one (possibly subsampled) plate.
+
+    Every latent site in ``plate`` is guided jointly, per data point: the site values of row
+    :math:`n` are packed (in unconstrained space) into one vector :math:`u_n` with
+
+    .. math::
+
+        u_n \sim q(u \mid x_n) = \text{the flow of a } :class:`FlowEncoder` \text{ at } x_n,
+
+    then mapped to each site's support. :math:`x_n` is row :math:`n` of ``data_fn(*args,
+    **kwargs)``, a tensor whose first dimension indexes the plate: either the full data (rows
+    are picked with the plate's subsample indices) or the current mini-batch. The encoder
+    parameters do not depend on the data-set size, unlike ``AutoNormal``'s per-point
+    parameters, and ``AutoContinuous`` guides, which size their latent by the first
+    mini-batch and reuse those slots for every mini-batch, mis-handle subsampled locals.
+
+    The global latents (outside the plate) are guided by another part of an
+    :class:`~pyro.infer.autoguide.AutoGuideList`; the two parts share the plate, hence the
+    mini-batch:
+
+    .. code-block:: python
+
+        guide = AutoGuideList(model)
+        guide.append(AutoNormal(poutine.block(model, hide=["z"])))
+        guide.append(AutoAmortizedFlowGuide(poutine.block(model, expose=["z"]), plate="data"))
+
+    Arguments:
+        model: a Pyro model.
+        plate: name of the plate that holds the local latents.
+        data_fn: ``(*args, **kwargs) -> Tensor`` giving the data that drives the encoder, one
+            row per plate element; default: the model's first positional argument.
+        flow: the flow family, one of :data:`FLOW_FAMILIES`.
+        num_transforms: number of flow layers.
+        hidden_dims: widths of the encoder MLP.
+        flow_options: keyword arguments for every flow layer.
+        init_loc_fn: initialisation of the unconstrained locations; the encoder's location
+            head starts at the mean over the plate of these values.
+        init_scale: initial scale of the Gaussian (> 0), default 0.1 as in ``AutoNormal``.
+        create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`; needed when the model
+            passes its own ``subsample`` indices or its plate size changes between calls.
+
+    Raises:
+        ValueError: at the first call, naming the plate or site, when the plate holds no
+            latent site, a site is discrete or sits in a second plate, the guide alone leaves
+            global latents unguided, or the data rows do not match the plate.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        plate: str,
+        data_fn: Callable[..., Tensor] | None = None,
+        flow: str | None = "iaf",
+        num_transforms: int = 4,
+        hidden_dims: Sequence[int] = (128, 128),
+        flow_options: dict[str, Any] | None = None,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: float = 0.1,
+        create_plates: Callable | None = None,
+    ) -> None:
+        site = type(self).__name__
+        if not isinstance(plate, str):
+            raise ValueError(f"{site}: plate must be the name of a pyro.plate, got {plate!r}")
+        if flow not in FLOW_FAMILIES:
+            raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {flow!r}")
+        if not isinstance(init_scale, (int, float)) or not init_scale > 0:
+            raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
+        if data_fn is not None and not callable(data_fn):
+            raise ValueError(f"{site}: data_fn must be callable, got {data_fn!r}")
+        self.plate = plate
+        self.data_fn = data_fn if data_fn is not None else _first_arg
+        self.family = flow
+        self.num_transforms = _check_positive_int(site, "num_transforms", num_transforms)
+        self.hidden_dims = tuple(hidden_dims)
+        self.flow_options = dict(flow_options or {})
+        self.init_scale = float(init_scale)
+        self.init_loc_fn = init_loc_fn
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+
+    # ----------------------------------------------------------------------------------------
+    # construction
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        name = type(self).__name__
+        local, global_ = [], []
+        for site_name, site in self.prototype_trace.iter_stochastic_nodes():
+            frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+            (local if any(f.name == self.plate for f in frames) else global_).append(site_name)
+        if not local:
+            plates = sorted(self._prototype_frames)
+            raise ValueError(
+                f"{name}: plate '{self.plate}' holds no latent sample site of the model "
+                f"(plates around latent sites: {plates})"
+            )
+        if global_ and self.master is None:
+            raise ValueError(
+                f"{name}: latent sites {global_} lie outside plate '{self.plate}' and would be "
+                "left unguided. Guide them with another guide inside an AutoGuideList, with "
+                "poutine.block(model, hide=[...]) for each part."
+            )
+        frame = self._prototype_frames[self.plate]
+        self._frame = frame
+        self._sites: list[tuple[str, torch.Size, int, int]] = []  # name, u-event, event_dim, size
+        init_locs = []
+        for site_name in local:
+            site = self.prototype_trace.nodes[site_name]
+            fn = site["fn"]
+            others = [
+                f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != self.plate
+            ]
+            if others:
+                raise ValueError(
+                    f"{name}: site '{site_name}' is in plates {others} besides '{self.plate}'; "
+                    "this guide handles sites whose only plate is the amortized one"
+                )
+            if _is_discrete(fn):
+                raise ValueError(
+                    f"{name}: site '{site_name}' is discrete ({type(fn).__name__}); an "
+                    "amortized flow covers continuous latents only"
+                )
+            batch_shape = fn.batch_shape
+            expected = torch.Size([frame.size] + [1] * (-frame.dim - 1))
+            if batch_shape[len(batch_shape) - len(expected) :] != expected or any(
+                size != 1 for size in batch_shape[: len(batch_shape) - len(expected)]
+            ):
+                raise ValueError(
+                    f"{name}: site '{site_name}' has batch shape {tuple(batch_shape)}; inside "
+                    f"plate '{self.plate}' (dim {frame.dim}) it must be {tuple(expected)}"
+                )
+            value = site["value"].detach()
+            unconstrained = biject_to(fn.support).inv(value)
+            u_event_dim = fn.event_dim + unconstrained.dim() - value.dim()
+            u_event = unconstrained.shape[unconstrained.dim() - u_event_dim :]
+            size = max(math.prod(u_event), 1)
+            self._sites.append((site_name, u_event, fn.event_dim, size))
+            rows = unconstrained.reshape(frame.size, size)
+            init_locs.append(rows.mean(0))
+        self.local_sites = [entry[0] for entry in self._sites]
+        init_loc = torch.cat(init_locs)
+        data = self._rows(self.data_fn(*args, **kwargs), torch.arange(frame.size))
+        self.encoder = FlowEncoder(
+            data.shape[-1],
+            init_loc.numel(),
+            self.hidden_dims,
+            self.family,
+            self.num_transforms,
+            init_loc=init_loc,
+            init_scale=self.init_scale,
+            flow_options=self.flow_options,
+        ).to(dtype=init_loc.dtype, device=init_loc.device)
+
+    def _rows(self, data: object, indices: Tensor) -> Tensor:
+        """The data rows of the current plate elements, flattened to ``(B, input_dim)``."""
+        name, plate = type(self).__name__, self.plate
+        if not isinstance(data, Tensor) or data.dim() < 1:
+            raise ValueError(
+                f"{name}: data_fn must return a tensor with one row per element of plate "
+                f"'{plate}', got {type(data).__name__}"
+                + (f" of shape {tuple(data.shape)}" if isinstance(data, Tensor) else "")
+            )
+        full_size = self._frame.full_size or self._frame.size
+        if data.shape[0] == full_size:
+            data = data.index_select(0, indices.to(data.device))
+        elif data.shape[0] != indices.numel():
+            raise ValueError(
+                f"{name}: data_fn returned {data.shape[0]} rows, but plate '{plate}' has size "
+                f"{full_size} and the current (sub)sample has {indices.numel()} elements; pass "
+                "the full data or the mini-batch (and create_plates if the plate size varies)"
+            )
+        return data.reshape(indices.numel(), -1)
+
+    # ----------------------------------------------------------------------------------------
+    # the guide
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Draw every local site of the (sub)sampled plate elements.
+
+        Returns:
+            A dict from site name to its value.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        encoder = self.encoder
+        dim = self._frame.dim
+        result: dict[str, Tensor] = {}
+        with plates[self.plate] as indices:
+            x = self._rows(self.data_fn(*args, **kwargs), indices)
+            if x.shape[-1] != encoder.input_dim:
+                raise ValueError(
+                    f"{type(self).__name__}: data rows of plate '{self.plate}' have "
+                    f"{x.shape[-1]} entries, but the encoder was built for {encoder.input_dim}"
+                )
+            x = x.to(dtype=next(encoder.parameters()).dtype)
+            active = _active_batch_shape()
+            outer = active[: len(active) + dim]  # plates around this one, e.g. particles
+            z, log_q = encoder(x).rsample_and_log_prob(outer)
+            shape = outer + torch.Size([x.shape[0]] + [1] * (-dim - 1))
+            z = pyro.sample(
+                f"_{self._pyro_name}_latent",
+                dist.Delta(
+                    z.reshape(shape + z.shape[-1:]), log_density=log_q.reshape(shape), event_dim=1
+                ),
+                infer={"is_auxiliary": True},
+            )
+            offset = 0
+            for site_name, u_event, event_dim, size in self._sites:
+                unconstrained = z[..., offset : offset + size].reshape(shape + u_event)
+                offset += size
+                transform = biject_to(self.prototype_trace.nodes[site_name]["fn"].support)
+                value = transform(unconstrained)
+                if poutine.get_mask() is False:
+                    log_density: Tensor | float = 0.0
+                else:
+                    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+                    log_density = sum_rightmost(
+                        log_density, log_density.dim() - value.dim() + event_dim
+                    )
+                result[site_name] = pyro.sample(
+                    site_name, dist.Delta(value, log_density=log_density, event_dim=event_dim)
+                )
+        return result
+
+    def encode(self, x: Tensor) -> AmortizedFlowDistribution:
+        """The guide's distribution of the packed unconstrained locals at data rows ``x``.
+
+        Raises:
+            RuntimeError: before the guide has been called once (the sizes come from the model).
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call the guide once (e.g. one SVI step) before encode()"
+            )
+        dtype = next(self.encoder.parameters()).dtype
+        return self.encoder(x.reshape(x.shape[0], -1).to(dtype=dtype))
