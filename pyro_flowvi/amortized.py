@@ -58,9 +58,9 @@ from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
+from ._util import is_discrete, plate_batch_shape
 from .distributions import FlowDistribution
 from .flows import Compose, ElementwiseAffine, Flow, Reverse
 from .flows.householder import Householder
@@ -367,24 +367,6 @@ class FlowEncoder(nn.Module):
         )
 
 
-def _active_batch_shape() -> torch.Size:
-    """Batch shape of the vectorized plates around the current call."""
-    frames = [f for f in get_plates() if f.vectorized and f.dim is not None]
-    if not frames:
-        return torch.Size()
-    shape = [1] * -min(f.dim for f in frames)
-    for frame in frames:
-        shape[frame.dim] = frame.size
-    return torch.Size(shape)
-
-
-def _is_discrete(fn: dist.Distribution) -> bool:
-    try:
-        return bool(fn.support.is_discrete)
-    except NotImplementedError:  # dependent constraints without the flag
-        return False
-
-
 def _first_arg(*args: Any, **kwargs: Any) -> Tensor:
     if not args:
         raise ValueError(
@@ -512,7 +494,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                     f"{name}: site '{site_name}' is in plates {others} besides '{self.plate}'; "
                     "this guide handles sites whose only plate is the amortized one"
                 )
-            if _is_discrete(fn):
+            if is_discrete(fn):
                 raise ValueError(
                     f"{name}: site '{site_name}' is discrete ({type(fn).__name__}); an "
                     "amortized flow covers continuous latents only"
@@ -591,7 +573,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                     f"{x.shape[-1]} entries, but the encoder was built for {encoder.input_dim}"
                 )
             x = x.to(dtype=next(encoder.parameters()).dtype)
-            active = _active_batch_shape()
+            active = plate_batch_shape()
             outer = active[: len(active) + dim]  # plates around this one, e.g. particles
             z, log_q = encoder(x).rsample_and_log_prob(outer)
             shape = outer + torch.Size([x.shape[0]] + [1] * (-dim - 1))

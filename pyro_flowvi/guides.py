@@ -33,9 +33,9 @@ import torch
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.poutine.runtime import get_plates
 from torch import Tensor
 
+from ._util import is_discrete, plate_batch_shape
 from .distributions import FlowDistribution
 from .flows import Compose, ElementwiseAffine, Flow, Reverse
 from .flows.householder import Householder
@@ -45,24 +45,6 @@ from .flows.radial import Radial
 from .flows.sylvester import Sylvester
 
 FlowSpec = Flow | Callable[[int], Flow]
-
-
-def _plate_batch_shape() -> torch.Size:
-    """Batch shape of the vectorized plates around the current call (particles, predictive)."""
-    frames = [f for f in get_plates() if f.vectorized and f.dim is not None]
-    if not frames:
-        return torch.Size()
-    shape = [1] * -min(f.dim for f in frames)
-    for frame in frames:
-        shape[frame.dim] = frame.size
-    return torch.Size(shape)
-
-
-def _is_discrete(fn: dist.Distribution) -> bool:
-    try:
-        return bool(fn.support.is_discrete)
-    except NotImplementedError:  # dependent constraints without the flag
-        return False
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -161,7 +143,7 @@ class AutoFlowGuide(AutoContinuous):
     def _check_sites(self) -> None:
         name = type(self).__name__
         for site_name, site in self.prototype_trace.iter_stochastic_nodes():
-            if _is_discrete(site["fn"]):
+            if is_discrete(site["fn"]):
                 raise ValueError(
                     f"{name}: latent site '{site_name}' is discrete "
                     f"({type(site['fn']).__name__}); flow guides cover continuous latents only. "
@@ -215,7 +197,7 @@ class AutoFlowGuide(AutoContinuous):
         :math:`\\log q(z)`, so the ELBO never needs to invert the flow.
         """
         posterior = self.get_posterior(*args, **kwargs)
-        z, log_q = posterior.rsample_and_log_prob(_plate_batch_shape())
+        z, log_q = posterior.rsample_and_log_prob(plate_batch_shape())
         return pyro.sample(
             f"_{self._pyro_name}_latent",
             dist.Delta(z, log_density=log_q, event_dim=1),

@@ -6,6 +6,10 @@ import pyro
 import pytest
 import torch
 
+# Tiny tensors run faster on one thread, and some CPU kernels (F.logsigmoid's backward) cost
+# milliseconds per call with more; fixed here so no test depends on what ran before it.
+torch.set_num_threads(1)
+
 
 def pytest_runtest_setup(item):
     if "cuda" in item.keywords and not torch.cuda.is_available():
