@@ -1,0 +1,43 @@
+"""ELBO and posterior diagnostics for any Pyro guide, read through ArviZ.
+
+ArviZ is imported lazily, only by :mod:`pyro_flowvi.diagnostics._arviz` (which supports both
+ArviZ 0.x and 1.x); importing this package does not import ArviZ, pandas or matplotlib.
+"""
+
+from __future__ import annotations
+
+from .compare import (
+    compare_approximations,
+    flatten_draws,
+    marginal_wasserstein,
+    wasserstein_distance,
+)
+from .convert import to_arviz
+from .plots import plot_elbo, plot_marginals, plot_pair
+from .report import (
+    VIDiagnostics,
+    VIDiagnosticWarning,
+    VILoo,
+    khat_threshold,
+    khat_verdict,
+    vi_diagnostics,
+    vi_loo,
+)
+
+__all__ = [
+    "VIDiagnosticWarning",
+    "VIDiagnostics",
+    "VILoo",
+    "compare_approximations",
+    "flatten_draws",
+    "khat_threshold",
+    "khat_verdict",
+    "marginal_wasserstein",
+    "plot_elbo",
+    "plot_marginals",
+    "plot_pair",
+    "to_arviz",
+    "vi_diagnostics",
+    "vi_loo",
+    "wasserstein_distance",
+]

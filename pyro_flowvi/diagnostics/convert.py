@@ -1,0 +1,360 @@
+r"""Convert any fitted Pyro guide into an ArviZ object with the quantities VI diagnostics need.
+
+For each draw :math:`\theta_s \sim q` the guide is traced and the model is replayed against
+the guide's trace; the draw's log densities are
+
+.. math::
+
+    \mathrm{lp}_s = \log p(\theta_s, y), \qquad
+    \log q_s = \log q(\theta_s), \qquad
+    \log w_s = \mathrm{lp}_s - \log q_s,
+
+where :math:`\log q` is the sum of the log densities of *every* sample site of the guide,
+auxiliary ones included (the same quantity ``Trace_ELBO`` uses), so the conversion works for
+Pyro's autoguides, pyro-flowvi's flow guides and hand-written guide functions alike.
+
+Draws are produced in chunks, vectorized with an outer ``pyro.plate`` left of the model's
+plates (as ``pyro.infer.Predictive(parallel=True)`` does). Models or guides that cannot be
+vectorized fall back to a loop over draws.
+"""
+
+from __future__ import annotations
+
+__all__ = ["to_arviz"]
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from . import _arviz
+
+_LOG = logging.getLogger(__name__)
+_DRAW_PLATE = "_pyro_flowvi_draws"
+
+
+class _VectorizeError(RuntimeError):
+    """A site's vectorized shape does not match its single-draw shape."""
+
+
+@dataclass
+class _Layout:
+    """What the single-draw (prototype) traces say about each site."""
+
+    latent: list[str] = field(default_factory=list)
+    deterministic: set[str] = field(default_factory=set)
+    observed: list[str] = field(default_factory=list)
+    pointwise: list[str] = field(default_factory=list)
+    value_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    loglik_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    dims: dict[str, list[str]] = field(default_factory=dict)
+    observed_values: dict[str, np.ndarray] = field(default_factory=dict)
+    model_lp_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    guide_lp_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    max_plate_nesting: int = 0
+
+
+def _is_deterministic(site: dict[str, Any]) -> bool:
+    return bool(site["infer"].get("_deterministic", False))
+
+
+def _is_factor(site: dict[str, Any]) -> bool:
+    return site["is_observed"] and bool(site["infer"].get("is_auxiliary", False))
+
+
+def _sample_sites(trace: Trace) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (n, s)
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    ]
+
+
+def _site_log_prob(site: dict[str, Any]) -> Tensor:
+    log_prob = site["fn"].log_prob(site["value"])
+    return scale_and_mask(log_prob, site["scale"], site["mask"])
+
+
+def _site_dims(name: str, site: dict[str, Any]) -> list[str]:
+    """Dimension names of a site's value: plate names where known, ArviZ defaults otherwise."""
+    batch_dims = len(site["fn"].batch_shape)
+    frames = {f.dim: f.name for f in site["cond_indep_stack"] if f.dim is not None}
+    names = [frames.get(axis - batch_dims, f"{name}_dim_{axis}") for axis in range(batch_dims)]
+    # Unnamed trailing axes are left to ArviZ, which names them "{name}_dim_{axis}" too.
+    while names and names[-1] == f"{name}_dim_{len(names) - 1}":
+        names.pop()
+    return names
+
+
+def _max_plate_nesting(*traces: Trace) -> int:
+    dims = [
+        -frame.dim
+        for trace in traces
+        for _, site in _sample_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
+    layout = _Layout(
+        max_plate_nesting=_max_plate_nesting(guide_trace, model_trace),
+        model_lp_shapes=_log_prob_shapes(model_trace),
+        guide_lp_shapes={
+            name: shape
+            for name, shape in _log_prob_shapes(guide_trace).items()
+            if not guide_trace.nodes[name]["is_observed"]
+        },
+    )
+    unguided = []
+    for name, site in _sample_sites(model_trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"to_arviz: site {name!r} is in plate {frame.name!r} subsampled to "
+                    f"{frame.size} of {frame.full_size}; pass the full data set"
+                )
+        if _is_factor(site):
+            continue
+        value = site["value"]
+        if not site["is_observed"] or _is_deterministic(site):
+            if not site["is_observed"] and name not in guide_trace.nodes:
+                unguided.append(name)
+            layout.latent.append(name)
+            if site["is_observed"]:
+                layout.deterministic.add(name)
+            layout.value_shapes[name] = value.shape
+            layout.dims[name] = _site_dims(name, site)
+            continue
+        layout.observed.append(name)
+        layout.observed_values[name] = value.detach().cpu().numpy()
+        layout.dims[name] = _site_dims(name, site)
+        if site["cond_indep_stack"]:
+            layout.pointwise.append(name)
+            layout.loglik_shapes[name] = _site_log_prob(site).shape
+    if unguided:
+        raise ValueError(
+            f"to_arviz: latent sites {unguided} of the model are not sampled by the guide; "
+            "every latent site must be in the guide for log q to be the guide's density"
+        )
+    return layout
+
+
+def _per_draw(x: Tensor, num_draws: int, shape: torch.Size, site: str) -> Tensor:
+    """Reshape a vectorized tensor to ``(num_draws, *shape)``."""
+    size = math.prod(shape)
+    if x.numel() == num_draws * size:
+        return x.reshape((num_draws, *shape))
+    if x.numel() == size:
+        return x.reshape(shape).expand((num_draws, *shape))
+    raise _VectorizeError(
+        f"site {site!r}: vectorized shape {tuple(x.shape)} does not hold {num_draws} draws "
+        f"of shape {tuple(shape)}"
+    )
+
+
+def _log_prob_shapes(trace: Trace) -> dict[str, torch.Size]:
+    return {
+        name: _site_log_prob(site).shape
+        for name, site in _sample_sites(trace)
+        if not _is_deterministic(site)
+    }
+
+
+def _sum_per_draw(trace: Trace, shapes: dict[str, torch.Size], num_draws: int) -> Tensor:
+    total = torch.zeros(num_draws)
+    for name, site in _sample_sites(trace):
+        if name in shapes:
+            lp = _per_draw(_site_log_prob(site), num_draws, shapes[name], name)
+            total = total.to(lp) + lp.reshape(num_draws, -1).sum(1)
+    return total
+
+
+def _collect(
+    guide_trace: Trace, model_trace: Trace, layout: _Layout, num_draws: int
+) -> dict[str, Tensor]:
+    """Per-draw lp, log q, latent values and pointwise log-likelihoods of one chunk."""
+    out = {
+        "lp": _sum_per_draw(model_trace, layout.model_lp_shapes, num_draws),
+        "log_q": _sum_per_draw(guide_trace, layout.guide_lp_shapes, num_draws),
+    }
+    for name in layout.latent:
+        value = model_trace.nodes[name]["value"]
+        out["posterior/" + name] = _per_draw(value, num_draws, layout.value_shapes[name], name)
+    for name in layout.pointwise:
+        site = model_trace.nodes[name]
+        lp = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
+        out["log_likelihood/" + name] = _per_draw(lp, num_draws, layout.loglik_shapes[name], name)
+    return out
+
+
+def _traces(guide: Callable, model: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    return guide_trace, model_trace
+
+
+def _vectorize(fn: Callable, num_draws: int, dim: int) -> Callable:
+    def vectorized(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(_DRAW_PLATE, num_draws, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def _check_lp(model: Callable, args: tuple, kwargs: dict, chunk: dict, layout: _Layout) -> None:
+    """Recompute draw 0's log joint without vectorization; raise if it differs."""
+    data = {n: chunk["posterior/" + n][0] for n in layout.latent if n not in layout.deterministic}
+    trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+    lp = sum(
+        float(_site_log_prob(site).sum())
+        for _, site in _sample_sites(trace)
+        if not _is_deterministic(site)
+    )
+    expected = float(chunk["lp"][0])
+    tol = 1e-7 if chunk["lp"].dtype == torch.float64 else 1e-3
+    if not math.isclose(float(lp), expected, rel_tol=tol, abs_tol=tol):
+        raise _VectorizeError(
+            f"vectorized log joint {expected} differs from the single-draw one {float(lp)}"
+        )
+
+
+def _draw_chunks(
+    guide: Callable,
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    layout: _Layout,
+    num_draws: int,
+    chunk_size: int,
+    parallel: bool | None,
+) -> dict[str, Tensor]:
+    dim = -(layout.max_plate_nesting + 1)
+    chunks: list[dict[str, Tensor]] = []
+    done = 0
+    while parallel is not False and done < num_draws:
+        size = min(chunk_size, num_draws - done)
+        if size < 2 and parallel is None:
+            break
+        try:
+            guide_trace, model_trace = _traces(
+                _vectorize(guide, size, dim), _vectorize(model, size, dim), args, kwargs
+            )
+            chunk = _collect(guide_trace, model_trace, layout, size)
+            if not chunks and parallel is None:
+                _check_lp(model, args, kwargs, chunk, layout)
+        except Exception as error:
+            if parallel:
+                raise
+            _LOG.info("to_arviz: drawing one at a time, vectorization failed: %s", error)
+            parallel = False
+            break
+        chunks.append(chunk)
+        done += size
+    while done < num_draws:
+        guide_trace, model_trace = _traces(guide, model, args, kwargs)
+        chunks.append(_collect(guide_trace, model_trace, layout, 1))
+        done += 1
+    return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+
+
+def to_arviz(
+    guide: Callable,
+    model: Callable,
+    *args: Any,
+    num_draws: int = 1000,
+    fit_result: Any | None = None,
+    chunk_size: int = 1000,
+    parallel: bool | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+    coords: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Draw from any Pyro guide and return an ArviZ object for posterior and VI diagnostics.
+
+    Arguments:
+        guide: a fitted guide: a pyro-flowvi flow guide, a Pyro autoguide, or a guide function.
+        model: the model the guide approximates.
+        *args: positional arguments of ``model`` and ``guide`` (the full data: LOO needs the
+            log-likelihood of every observation).
+        num_draws: number of draws :math:`S` from the guide (at least 2).
+        fit_result: a :class:`pyro_flowvi.FitResult` (or any object with ``elbo_trace`` and
+            ``wall_time``); its ELBO trace goes to the ``vi_fit`` group.
+        chunk_size: draws per vectorized pass (bounds memory).
+        parallel: ``True`` vectorizes (errors propagate), ``False`` loops over draws, ``None``
+            vectorizes, checks the first draw's log joint against an unvectorized run and
+            falls back to the loop if that fails.
+        dims: dimension names per variable, overriding the plate names.
+        coords: coordinates of named dimensions, as in ``arviz.from_dict``.
+        **kwargs: keyword arguments of ``model`` and ``guide``.
+
+    Returns:
+        ``arviz.InferenceData`` (ArviZ < 1) or ``xarray.DataTree`` (ArviZ 1.x) with groups
+
+        - ``posterior``: one variable per latent (and deterministic) site of the model, shape
+          ``(chain=1, draw=S, *site shape)``, dims named after the site's plates;
+        - ``sample_stats``: ``lp`` = log p(theta, y), ``log_q``, ``log_weight = lp - log_q``;
+        - ``log_likelihood``: pointwise log-likelihood of each observed site inside a plate;
+        - ``observed_data``: the observed values;
+        - ``vi_fit`` (when ``fit_result`` is given): ``elbo`` over ``step``, with the fit's
+          ``wall_time`` and ``num_steps`` as attributes.
+
+    Raises:
+        ValueError: if a latent site of the model is missing from the guide, a plate is
+            subsampled, or ``num_draws`` is not an int >= 2.
+
+    Example:
+        >>> guide = AutoNormal(model)
+        >>> result = fit(model, guide, data, num_steps=2000)
+        >>> idata = to_arviz(guide, model, data, num_draws=2000, fit_result=result)
+        >>> vi_diagnostics(idata)
+    """
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"to_arviz: num_draws must be an int >= 2, got {num_draws!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"to_arviz: chunk_size must be a positive int, got {chunk_size!r}")
+    with torch.no_grad():
+        guide_trace, model_trace = _traces(guide, model, args, kwargs)
+        layout = _layout(guide_trace, model_trace)
+        draws = _draw_chunks(guide, model, args, kwargs, layout, num_draws, chunk_size, parallel)
+
+    def numpy(x: Tensor) -> np.ndarray:
+        return x.detach().cpu().double().numpy()[None]
+
+    lp, log_q = numpy(draws["lp"]), numpy(draws["log_q"])
+    groups = {
+        "posterior": {n: numpy(draws["posterior/" + n]) for n in layout.latent},
+        "sample_stats": {"lp": lp, "log_q": log_q, "log_weight": lp - log_q},
+        "log_likelihood": {n: numpy(draws["log_likelihood/" + n]) for n in layout.pointwise},
+        "observed_data": layout.observed_values,
+    }
+    all_dims = {k: v for k, v in layout.dims.items() if v}
+    all_dims.update({k: list(v) for k, v in (dims or {}).items()})
+    extra = None
+    if fit_result is not None:
+        elbo = np.asarray(fit_result.elbo_trace, dtype=np.float64)
+        extra = {
+            _arviz.FIT_GROUP: (
+                {"elbo": (["step"], elbo)},
+                {"wall_time": float(fit_result.wall_time), "num_steps": int(elbo.shape[0])},
+            )
+        }
+    name = getattr(guide, "__name__", None) or type(guide).__name__
+    attrs = {"inference_library": "pyro", "inference_library_version": pyro.__version__}
+    attrs["approximation"] = str(name)
+    return _arviz.from_groups(
+        groups, dims=all_dims, coords=coords, attrs=attrs, extra_groups=extra
+    )

@@ -1,0 +1,320 @@
+r"""Did the variational fit work? ELBO, importance-weighted ELBO, PSIS k-hat, IS-ESS and VI-LOO.
+
+All quantities come from the ``sample_stats`` group that
+:func:`~pyro_flowvi.diagnostics.to_arviz` writes: for :math:`S` draws
+:math:`\theta_s \sim q` with log importance ratios
+:math:`\log w_s = \log p(\theta_s, y) - \log q(\theta_s)`,
+
+.. math::
+
+    \mathrm{ELBO} = \frac1S \sum_s \log w_s, \qquad
+    \mathrm{IW\text{-}ELBO} = \log \frac1S \sum_s w_s \;(\le \log p(y) \text{ in expectation}),
+
+and the Pareto shape :math:`\hat k` of the right tail of the :math:`w_s` (PSIS). The
+approximation is trusted when :math:`\hat k` is below the sample-size dependent threshold
+:math:`\min(1 - 1/\log_{10} S, 0.7)`.
+
+References:
+    Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018),
+    arXiv:1802.02538.
+    Pareto Smoothed Importance Sampling (Vehtari et al., 2024), arXiv:1507.02646.
+    Importance Weighted Autoencoders (Burda et al., 2016), arXiv:1509.00519.
+    Bayesian Leave-One-Out Cross-Validation for Large Data (Magnusson et al., 2019),
+    arXiv:1904.10679.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "VIDiagnosticWarning",
+    "VIDiagnostics",
+    "VILoo",
+    "khat_threshold",
+    "khat_verdict",
+    "vi_diagnostics",
+    "vi_loo",
+]
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _arviz
+
+
+class VIDiagnosticWarning(UserWarning):
+    """The PSIS k-hat says the variational approximation (or a LOO estimate) is unreliable."""
+
+
+def khat_threshold(num_draws: int) -> float:
+    """The sample-size dependent k-hat threshold ``min(1 - 1/log10(S), 0.7)``.
+
+    Arguments:
+        num_draws: the number of draws :math:`S` (at least 2).
+    """
+    if num_draws < 2:
+        raise ValueError(f"khat_threshold: need at least 2 draws, got {num_draws}")
+    return min(1.0 - 1.0 / math.log10(num_draws), 0.7)
+
+
+def khat_verdict(khat: float, num_draws: int) -> tuple[str, str]:
+    """Classify a k-hat of the importance ratios of ``num_draws`` draws.
+
+    Returns:
+        ``(label, message)`` with ``label`` one of ``"good"``, ``"ok"``, ``"too few draws"``,
+        ``"bad"`` and ``"very bad"``, and a sentence saying what it means.
+    """
+    threshold = khat_threshold(num_draws)
+    if khat <= 0.5 and khat < threshold:
+        return "good", (
+            "the approximation is close to the posterior; importance-weighted estimates are "
+            "reliable and plain VI estimates are likely accurate"
+        )
+    if khat < threshold:
+        return "ok", (
+            "the approximation is usable but not exact; PSIS-weighted estimates are "
+            "reliable, plain VI estimates may be biased"
+        )
+    if khat < 0.7:
+        return "too few draws", (
+            f"k-hat is above the threshold {threshold:.2f} for {num_draws} draws but below "
+            "0.7; draw more from the guide before judging it"
+        )
+    if khat <= 1.0:
+        return "bad", (
+            "the approximation is unreliable: estimates from it, importance-weighted or not, "
+            "can be far off; use a more flexible guide, fit longer, or use MCMC"
+        )
+    return "very bad", (
+        "the importance ratios have no finite mean: the approximation misses a large part of "
+        "the posterior and nothing computed from it can be trusted"
+    )
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+@dataclass(frozen=True)
+class VIDiagnostics:
+    """The report of :func:`vi_diagnostics`; ``print`` it for a table.
+
+    Attributes:
+        elbo: Monte Carlo ELBO at the fitted guide, the mean of ``log_weight``.
+        elbo_mcse: its Monte Carlo standard error, ``sd(log_weight) / sqrt(S)``.
+        iw_elbo: importance-weighted ELBO ``log mean(exp(log_weight))``, an estimate of the
+            log evidence (a lower bound in expectation; close to it when k-hat is small).
+        khat: PSIS Pareto shape of the importance ratios.
+        khat_threshold: ``min(1 - 1/log10(S), 0.7)``.
+        verdict: ``"good"``, ``"ok"``, ``"too few draws"``, ``"bad"`` or ``"very bad"``.
+        message: what the verdict means.
+        is_ess: importance-sampling effective sample size ``1 / sum(w_s^2)`` of the
+            PSIS-smoothed normalized weights.
+        num_draws: :math:`S`.
+        fit_elbo: mean ELBO of the last 10% of the fit's trace, when the object has one.
+        fit_time: wall time of the fit in seconds, when the object has one.
+    """
+
+    elbo: float
+    elbo_mcse: float
+    iw_elbo: float
+    khat: float
+    khat_threshold: float
+    verdict: str
+    message: str
+    is_ess: float
+    num_draws: int
+    fit_elbo: float | None = None
+    fit_time: float | None = None
+
+    @property
+    def reliable(self) -> bool:
+        """Whether k-hat is below the threshold."""
+        return self.khat < self.khat_threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dictionary."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rows = [
+            ("ELBO", f"{self.elbo:.4f} ± {self.elbo_mcse:.4f} (MCSE)"),
+            ("IW-ELBO (log evidence estimate)", f"{self.iw_elbo:.4f}"),
+            ("PSIS k-hat", f"{self.khat:.3f} (threshold {self.khat_threshold:.2f})"),
+            ("verdict", f"{self.verdict}: {self.message}"),
+            ("IS effective sample size", f"{self.is_ess:.1f} of {self.num_draws}"),
+        ]
+        if self.fit_elbo is not None:
+            rows.append(("ELBO at the end of the fit", f"{self.fit_elbo:.4f}"))
+        if self.fit_time is not None:
+            rows.append(("fit time", f"{self.fit_time:.2f} s"))
+        width = max(len(name) for name, _ in rows)
+        lines = ["VI diagnostics", "-" * (width + 40)]
+        lines += [f"{name:<{width}}  {value}" for name, value in rows]
+        return "\n".join(lines)
+
+
+def _log_weights(idata: Any) -> np.ndarray:
+    try:
+        log_weight = _arviz.sample_values(idata, "sample_stats", "log_weight")
+    except KeyError as error:
+        raise ValueError(
+            "vi_diagnostics needs sample_stats.log_weight, as written by "
+            f"pyro_flowvi.diagnostics.to_arviz: {error}"
+        ) from error
+    log_weight = log_weight.reshape(-1)
+    if not np.all(np.isfinite(log_weight)):
+        bad = int(np.sum(~np.isfinite(log_weight)))
+        raise ValueError(f"sample_stats.log_weight has {bad} non-finite values")
+    return log_weight
+
+
+def vi_diagnostics(idata: Any, *, warn: bool = True) -> VIDiagnostics:
+    """Summarize how good a variational approximation is, from its importance ratios.
+
+    Arguments:
+        idata: the output of :func:`~pyro_flowvi.diagnostics.to_arviz` (any ArviZ object whose
+            ``sample_stats`` has ``log_weight``).
+        warn: emit a :class:`VIDiagnosticWarning` when k-hat is at or above the threshold.
+
+    Returns:
+        A :class:`VIDiagnostics` report.
+    """
+    log_weight = _log_weights(idata)
+    num_draws = log_weight.shape[0]
+    smoothed, khat = _arviz.psislw(log_weight)
+    khat = float(khat)
+    threshold = khat_threshold(num_draws)
+    verdict, message = khat_verdict(khat, num_draws)
+    fit_elbo = fit_time = None
+    if _arviz.has_group(idata, _arviz.FIT_GROUP):
+        trace = _arviz.sample_values(idata, _arviz.FIT_GROUP, "elbo")
+        if trace.size:
+            fit_elbo = float(np.mean(trace[-max(1, trace.size // 10) :]))
+        fit_time = float(_arviz.group_attrs(idata, _arviz.FIT_GROUP).get("wall_time", math.nan))
+    report = VIDiagnostics(
+        elbo=float(np.mean(log_weight)),
+        elbo_mcse=float(np.std(log_weight, ddof=1) / math.sqrt(num_draws)),
+        iw_elbo=float(_logsumexp(log_weight) - math.log(num_draws)),
+        khat=khat,
+        khat_threshold=threshold,
+        verdict=verdict,
+        message=message,
+        is_ess=float(1.0 / np.sum(np.exp(2.0 * smoothed))),
+        num_draws=num_draws,
+        fit_elbo=fit_elbo,
+        fit_time=fit_time,
+    )
+    if warn and not report.reliable:
+        warnings.warn(
+            f"PSIS k-hat of the importance ratios is {khat:.2f} >= {threshold:.2f} "
+            f"({verdict}): {message} (Yao et al., 2018)",
+            VIDiagnosticWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+@dataclass(frozen=True)
+class VILoo:
+    """The result of :func:`vi_loo`; ``print`` it for a summary.
+
+    Attributes:
+        elpd: PSIS-LOO estimate of the expected log pointwise predictive density.
+        se: its standard error.
+        p_loo: effective number of parameters, ``lppd - elpd``.
+        elpd_i: pointwise elpd, shape of the observations.
+        pareto_k: pointwise k-hat, shape of the observations.
+        khat_threshold: ``min(1 - 1/log10(S), 0.7)``.
+        num_draws: :math:`S`.
+        var_name: the log-likelihood variable used.
+    """
+
+    elpd: float
+    se: float
+    p_loo: float
+    elpd_i: np.ndarray = field(repr=False)
+    pareto_k: np.ndarray = field(repr=False)
+    khat_threshold: float
+    num_draws: int
+    var_name: str
+
+    @property
+    def num_bad(self) -> int:
+        """Number of observations with k-hat at or above the threshold."""
+        return int(np.sum(self.pareto_k >= self.khat_threshold))
+
+    def __str__(self) -> str:
+        n = self.pareto_k.size
+        return "\n".join(
+            [
+                f"VI-corrected PSIS-LOO ({self.var_name!r}, {n} observations, "
+                f"{self.num_draws} draws)",
+                f"elpd_loo  {self.elpd:.2f} ± {self.se:.2f}",
+                f"p_loo     {self.p_loo:.2f}",
+                f"k-hat >= {self.khat_threshold:.2f}: {self.num_bad} of {n} observations",
+            ]
+        )
+
+
+def vi_loo(idata: Any, var_name: str | None = None, *, warn: bool = True) -> VILoo:
+    r"""PSIS-LOO cross-validation from draws of a variational approximation.
+
+    The draws come from :math:`q`, not the posterior, so the leave-one-out ratios carry the
+    approximation correction of Magnusson et al. (2019):
+
+    .. math::
+
+        \log r_{is} = \log p(\theta_s, y) - \log q(\theta_s) - \log p(y_i \mid \theta_s),
+
+    smoothed by PSIS per observation; then
+    :math:`\mathrm{elpd}_i = \log \sum_s \tilde w_{is}\, p(y_i \mid \theta_s)`.
+
+    Arguments:
+        idata: the output of :func:`~pyro_flowvi.diagnostics.to_arviz` (needs
+            ``sample_stats.log_weight`` and a ``log_likelihood`` group).
+        var_name: the log-likelihood variable (default: the only one).
+        warn: emit a :class:`VIDiagnosticWarning` when some observations have k-hat at or
+            above the threshold.
+
+    Returns:
+        A :class:`VILoo`.
+    """
+    log_weight = _log_weights(idata)
+    names = _arviz.var_names(idata, "log_likelihood")
+    if var_name is None:
+        if len(names) != 1:
+            raise ValueError(f"vi_loo: pass var_name, one of {names}")
+        var_name = names[0]
+    loglik = _arviz.sample_values(idata, "log_likelihood", var_name)
+    num_draws = log_weight.shape[0]
+    obs_shape = loglik.shape[2:]
+    loglik = loglik.reshape(num_draws, -1).T  # (observations, draws)
+    log_ratios = log_weight[None, :] - loglik
+    log_ratios = log_ratios - log_ratios.max(axis=1, keepdims=True)
+    smoothed, pareto_k = _arviz.psislw(log_ratios)
+    elpd_i = _logsumexp(smoothed + loglik)
+    lppd_i = _logsumexp(loglik) - math.log(num_draws)
+    n = elpd_i.shape[0]
+    result = VILoo(
+        elpd=float(np.sum(elpd_i)),
+        se=float(math.sqrt(n * np.var(elpd_i))),
+        p_loo=float(np.sum(lppd_i - elpd_i)),
+        elpd_i=elpd_i.reshape(obs_shape),
+        pareto_k=np.asarray(pareto_k).reshape(obs_shape),
+        khat_threshold=khat_threshold(num_draws),
+        num_draws=num_draws,
+        var_name=var_name,
+    )
+    if warn and result.num_bad:
+        warnings.warn(
+            f"vi_loo: {result.num_bad} of {n} observations have k-hat >= "
+            f"{result.khat_threshold:.2f}; their elpd estimates are unreliable",
+            VIDiagnosticWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,39 @@
+"""examples/diagnostics_eight_schools.py runs end to end with tiny arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diagnostics_eight_schools.py"
+
+
+@pytest.fixture
+def example():
+    spec = importlib.util.spec_from_file_location("diagnostics_eight_schools", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_runs_and_writes_its_outputs(example, tmp_path):
+    pytest.importorskip("matplotlib")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = example.parse_args(
+            ["--num-steps", "15", "--num-draws", "60", "--outdir", str(tmp_path), "--no-progress"]
+        )
+        out = example.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    table = out["table"]
+    assert list(table.index) == list(example.GUIDES)
+    assert table["khat"].notna().all() and table["wasserstein"].notna().all()
+    for filename in ("comparison.csv", "elbo.png", "marginals.png", "funnel.png"):
+        assert (tmp_path / filename).stat().st_size > 0
+    for report in out["reports"].values():
+        assert report.num_draws == 60 and report.fit_time is not None
