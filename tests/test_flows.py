@@ -23,6 +23,7 @@ from pyro_flowvi.flows import (
     ElementwiseAffine,
     Flow,
     Householder,
+    MaskedCoupling,
     MaskedLinear,
     Permute,
     Planar,
@@ -75,6 +76,8 @@ CASES = {
     "iaf-skip-ctx": Case(lambda: IAF(3, skip_connections=True, context_dim=C), "gated"),
     "iaf-d1": Case(lambda: IAF(1), "gated"),
     "iaf-d1-ctx": Case(lambda: IAF(1, context_dim=C), "gated"),
+    "coupling": Case(lambda: MaskedCoupling(4, hidden_dims=(6,)), "identity"),
+    "coupling-ctx": Case(lambda: MaskedCoupling(4, hidden_dims=(6,), context_dim=C), "identity"),
     "compose": Case(
         lambda: Compose(
             [

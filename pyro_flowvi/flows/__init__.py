@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .affine import ElementwiseAffine
 from .base import Compose, Flow, Permute, Reverse
+from .coupling import MaskedCoupling, alternating_mask
 from .householder import Householder
 from .iaf import IAF
 from .made import MADE, MaskedLinear
@@ -18,10 +19,12 @@ __all__ = [
     "ElementwiseAffine",
     "Flow",
     "Householder",
+    "MaskedCoupling",
     "MaskedLinear",
     "Permute",
     "Planar",
     "Radial",
     "Reverse",
     "Sylvester",
+    "alternating_mask",
 ]
