@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
+from conftest import load_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "bnn_mnf.py")
-
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("bnn_mnf_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("bnn_mnf")
 
 
 @pytest.fixture(autouse=True)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diagnostics_eight_schools.py"
+from conftest import load_example
 
 
 @pytest.fixture
 def example():
-    spec = importlib.util.spec_from_file_location("diagnostics_eight_schools", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("diagnostics_eight_schools")
 
 
 def test_example_runs_and_writes_its_outputs(example, tmp_path):

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+from conftest import load_example
 
 
 def test_quickstart_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("quickstart", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("quickstart")
     args = module.parse_args(["--num-steps", "3", "--num-draws", "50", "--dim", "3"])
     args.outdir = str(tmp_path)
     rows = module.main(args)

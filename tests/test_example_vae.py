@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
+from conftest import load_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "vae_flows.py")
-
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("vae_flows_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("vae_flows")
 
 
 def test_vae_flows_example(tmp_path):
