@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors gp_pois_regr arK --out ''

@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors eight_schools_centered garch11 --out ''

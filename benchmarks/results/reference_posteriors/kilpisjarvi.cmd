@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors kilpisjarvi diamonds --out ''
