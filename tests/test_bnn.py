@@ -31,15 +31,6 @@ from pyro_flowvi.bnn import (
 GUIDES = [AutoMeanFieldGuide, AutoMNFGuide]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: intra-op threads only add scheduling latency on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def classification_data(n=30, d=4, classes=3):
     x = torch.randn(n, d)
     y = torch.randint(0, classes, (n,))

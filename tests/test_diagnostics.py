@@ -38,14 +38,6 @@ from pyro_flowvi.fit import fit
 N, D, NOISE, PRIOR_SD = 20, 2, 1.0, 1.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Conjugate:
     """Bayesian linear regression with known noise: exact posterior, evidence and LOO."""
 

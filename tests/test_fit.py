@@ -17,14 +17,6 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro_flowvi.fit import FitResult, NonFiniteLossError, fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data():
     return torch.randn(15) + 1.0

@@ -153,19 +153,17 @@ class _BayesianLayerGuide(AutoGuide):
     def _setup_weight(self, name: str, site: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _add_loc_scale(self, name: str, init: torch.Tensor, event_dim: int) -> None:
+        """Register a mean-field (loc, scale) pair for site ``name``, loc starting at ``init``."""
+        self._event_dims[name] = event_dim
+        deep_setattr(self.locs, name, PyroParam(init, constraints.real, event_dim))
+        scale = torch.full_like(init, self.init_scale)
+        deep_setattr(self.scales, name, PyroParam(scale, constraints.softplus_positive, event_dim))
+
     def _setup_other(self, name: str, site: dict[str, Any]) -> None:
         with helpful_support_errors(site):
             init = biject_to(site["fn"].support).inv(site["value"].detach()).detach()
-        event_dim = site["fn"].event_dim + init.dim() - site["value"].dim()
-        self._event_dims[name] = event_dim
-        deep_setattr(self.locs, name, PyroParam(init, constraints.real, event_dim))
-        deep_setattr(
-            self.scales,
-            name,
-            PyroParam(
-                torch.full_like(init, self.init_scale), constraints.softplus_positive, event_dim
-            ),
-        )
+        self._add_loc_scale(name, init, site["fn"].event_dim + init.dim() - site["value"].dim())
 
     def _clip(self, scale: Tensor) -> Tensor:
         return scale.clamp(max=self.max_variance**0.5)
@@ -275,16 +273,7 @@ class AutoMeanFieldGuide(_BayesianLayerGuide):
 
     def _setup_weight(self, name: str, site: dict[str, Any]) -> None:
         init = self._init_weight_loc(site)
-        event_dim = site["fn"].event_dim
-        self._event_dims[name] = event_dim
-        deep_setattr(self.locs, name, PyroParam(init, constraints.real, event_dim))
-        deep_setattr(
-            self.scales,
-            name,
-            PyroParam(
-                torch.full_like(init, self.init_scale), constraints.softplus_positive, event_dim
-            ),
-        )
+        self._add_loc_scale(name, init, site["fn"].event_dim)
 
     def _sample_weight(self, name: str, site: dict[str, Any]) -> Tensor:
         loc = attrgetter(name)(self.locs)
