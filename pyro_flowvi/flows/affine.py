@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Flow
+from .base import Flow, context_head
 
 
 class ElementwiseAffine(Flow):
@@ -62,11 +62,7 @@ class ElementwiseAffine(Flow):
             else:
                 self.register_buffer("loc", torch.zeros(input_dim))
         else:
-            out = 2 * input_dim if learn_loc else input_dim
-            self.head = nn.Linear(context_dim, out)
-            nn.init.zeros_(self.head.weight)
-            with torch.no_grad():
-                self.head.bias.copy_(torch.cat([loc_t, raw]) if learn_loc else raw)
+            self.head = context_head(context_dim, torch.cat([loc_t, raw]) if learn_loc else raw)
 
     def loc_scale(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The current ``(loc, scale)``, of shape ``(D,)`` or ``(..., D)`` with a context."""

@@ -13,7 +13,7 @@ Nothing is cached between calls: the density of any point is computed from the p
 
 from __future__ import annotations
 
-__all__ = ["Flow", "Compose", "Reverse", "Permute", "check_input_dim"]
+__all__ = ["Flow", "Compose", "Reverse", "Permute", "check_input_dim", "context_head"]
 
 from collections.abc import Iterable, Iterator
 
@@ -26,6 +26,19 @@ def check_input_dim(name: str, value: int, argument: str = "input_dim") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: {argument} must be a positive int, got {value!r}")
     return value
+
+
+def context_head(context_dim: int, init: Tensor) -> nn.Linear:
+    """A linear head ``context -> parameters`` of a conditional layer.
+
+    Its weight starts at zero and its bias at ``init`` (the flattened unconditional initial
+    values), so a fresh conditional layer computes what the unconditional one does.
+    """
+    head = nn.Linear(context_dim, init.numel())
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(init.reshape(-1))
+    return head
 
 
 class Flow(nn.Module):

@@ -17,7 +17,7 @@ __all__ = ["Householder"]
 import torch
 from torch import Tensor, nn
 
-from .base import Flow
+from .base import Flow, context_head
 
 
 def _reflect(x: Tensor, v: Tensor) -> Tensor:
@@ -83,10 +83,7 @@ class Householder(Flow):
         if context_dim is None:
             self.vectors = nn.Parameter(vectors)
         else:
-            self.head = nn.Linear(context_dim, num_reflections * input_dim)
-            nn.init.zeros_(self.head.weight)
-            with torch.no_grad():
-                self.head.bias.copy_(vectors.flatten())
+            self.head = context_head(context_dim, vectors)
 
     def _vectors(self, context: Tensor | None) -> Tensor:
         """The reflection vectors, shape ``(..., K, D)``."""

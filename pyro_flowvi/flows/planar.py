@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Flow
+from .base import Flow, context_head
 
 # softplus(log(e - 1)) = 1, so m(log(e - 1)) = 0.
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
@@ -109,10 +109,7 @@ class Planar(Flow):
             self.w = nn.Parameter(w)
             self.b = nn.Parameter(b)
         else:
-            self.head = nn.Linear(context_dim, 2 * input_dim + 1)
-            nn.init.zeros_(self.head.weight)
-            with torch.no_grad():
-                self.head.bias.copy_(torch.cat([u, w, b]))
+            self.head = context_head(context_dim, torch.cat([u, w, b]))
 
     def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         r"""``(u_hat, w, b, w^T u_hat)`` of shapes ``(..., D), (..., D), (...), (...)``."""

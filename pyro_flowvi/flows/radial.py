@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Flow
+from .base import Flow, context_head
 
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
 
@@ -63,10 +63,7 @@ class Radial(Flow):
             self.alpha_raw = nn.Parameter(raw[:1].clone())
             self.beta_raw = nn.Parameter(raw[1:].clone())
         else:
-            self.head = nn.Linear(context_dim, input_dim + 2)
-            nn.init.zeros_(self.head.weight)
-            with torch.no_grad():
-                self.head.bias.copy_(torch.cat([x0, raw]))
+            self.head = context_head(context_dim, torch.cat([x0, raw]))
 
     def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         r"""``(x0, alpha, beta)`` of shapes ``(..., D), (...), (...)``."""

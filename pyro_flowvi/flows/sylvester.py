@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Flow
+from .base import Flow, context_head
 from .householder import _apply_reflections
 from .planar import _solve_tanh_equation
 
@@ -165,10 +165,7 @@ class Sylvester(Flow):
                 self.register_parameter(name, nn.Parameter(value))
         else:
             bias = torch.cat([value.flatten() for value in inits.values()])
-            self.head = nn.Linear(context_dim, bias.numel())
-            nn.init.zeros_(self.head.weight)
-            with torch.no_grad():
-                self.head.bias.copy_(bias)
+            self.head = context_head(context_dim, bias)
         self.register_buffer("upper_index", torch.triu_indices(size, size, 1), persistent=False)
 
     def _raw(self, context: Tensor | None) -> dict[str, Tensor]:
