@@ -355,6 +355,28 @@ def test_householder_preserves_norms():
     assert bool((ladj == 0).all())
 
 
+@pytest.mark.parametrize("context", [False, True])
+def test_householder_equals_the_explicit_product_of_reflections(context):
+    # The layer uses the compact WY form; any orthogonal map would pass the log-det and
+    # norm tests, so compare with H_K ... H_1 built one reflection at a time.
+    layer = Householder(5, num_reflections=4, context_dim=C if context else None)
+    _perturb(layer)
+    ctx = torch.randn(7, C) if context else None
+    vectors = layer._vectors(ctx).detach()
+    if not context:
+        vectors = vectors.expand(7, 4, 5)
+    x = torch.randn(7, 5)
+    expected = x.clone()
+    for k in range(4):
+        v = vectors[:, k]
+        matrix = (
+            torch.eye(5) - 2 * v.unsqueeze(-1) * v.unsqueeze(-2) / (v * v).sum(-1)[:, None, None]
+        )
+        expected = (matrix @ expected.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(layer(x, ctx)[0], expected)
+    torch.testing.assert_close(layer.inverse(expected, ctx)[0], x)
+
+
 def test_sylvester_orthogonal_q_is_orthonormal_at_trained_like_parameters():
     layer = Sylvester(5, num_ortho_vectors=3, context_dim=C)
     with torch.no_grad():

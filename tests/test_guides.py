@@ -288,12 +288,60 @@ def test_cuda_guide():
 
 
 # ------------------------------------------------------------------------------------------
+# init_scale="auto": the diagonal curvature of the unconstrained log joint
+
+
+def test_auto_init_scale_is_the_conditional_sd_of_a_gaussian_posterior():
+    x, y = _regression_data()
+    _, _, precision = _exact(x, y)
+    guide = AutoIAFGuide(regression_model, init_loc_fn=init_to_value(values={"w": torch.ones(3)}))
+    guide(x, y)
+    _, scale = guide.flow.layers[-1].loc_scale()
+    expected = precision.diagonal().rsqrt()  # a Gaussian's curvature is the same everywhere
+    assert torch.allclose(scale.detach(), expected, rtol=1e-6), (scale, expected)
+    # A fixed number still means what it says.
+    fixed = AutoIAFGuide(regression_model, init_scale=0.3)
+    fixed(x, y)
+    assert torch.allclose(fixed.flow.layers[-1].loc_scale()[1].detach(), torch.full((3,), 0.3))
+
+
+def test_auto_init_scale_constrained_clipped_and_not_concave_sites():
+    def model() -> None:
+        pyro.sample("sigma", dist.LogNormal(0.0, 0.4))  # log sigma ~ N(0, 0.4): scale 0.4
+        pyro.sample("wide", dist.Normal(0.0, 100.0))  # clipped to 5
+        pyro.sample("tail", dist.Cauchy(0.0, 1.0))  # convex at 3: falls back to 0.1
+
+    init = init_to_value(
+        values={"sigma": torch.tensor(2.0), "wide": torch.tensor(0.0), "tail": torch.tensor(3.0)}
+    )
+    guide = AutoFlowGuide(model, init_loc_fn=init)
+    guide()
+    _, scale = guide.flow.layers[-1].loc_scale()
+    assert torch.allclose(scale.detach(), torch.tensor([0.4, 5.0, 0.1]), rtol=1e-5), scale
+
+
+def test_auto_init_scale_hutchinson_above_256_coordinates():
+    # Independent coordinates: Hutchinson's v * Hv is the exact diagonal for any probe.
+    scales = torch.logspace(-2, 0.5, 300)
+
+    def model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(300), scales).to_event(1))
+
+    guide = AutoFlowGuide(model)
+    guide()
+    _, scale = guide.flow.layers[-1].loc_scale()
+    assert torch.allclose(scale.detach(), scales, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
 # Bad input, before any fitting
 
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="init_scale must be.*-0.1"):
         AutoIAFGuide(regression_model, init_scale=-0.1)
+    with pytest.raises(ValueError, match="init_scale must be a number > 0 or 'auto'.*'laplace'"):
+        AutoIAFGuide(regression_model, init_scale="laplace")
     with pytest.raises(ValueError, match="num_transforms must be >= 1, got 0"):
         AutoPlanarGuide(regression_model, num_transforms=0)
     with pytest.raises(ValueError, match="variant.*'qr'"):

@@ -20,25 +20,40 @@ from torch import Tensor, nn
 from .base import Flow, context_head
 
 
-def _reflect(x: Tensor, v: Tensor) -> Tensor:
-    """Apply :math:`I - 2 v v^T / \\|v\\|^2` to ``x``; ``x, v`` of shape ``(..., D)``."""
-    coefficient = 2 * (v * x).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)
-    return x - coefficient * v
+def reflect_rows(x: Tensor, vectors: Tensor, reverse: bool = False) -> Tensor:
+    r"""Apply :math:`H_K \cdots H_1` (or :math:`H_1 \cdots H_K` with ``reverse``) to each row of
+    ``x``, in the compact WY form of the product (Joffrain et al., 2006):
+
+    .. math::
+
+        H_1 \cdots H_K = I - V^\top S^{-1} V, \qquad
+        S = \tfrac12 \operatorname{diag}(V V^\top) + \operatorname{striu}(V V^\top),
+
+    where the rows of :math:`V` are the :math:`v_k`. For row vectors, :math:`x (H_K \cdots
+    H_1)^\top = x H_1 \cdots H_K = x - (x V^\top) S^{-1} V`. This is a fixed handful of
+    tensor operations whatever K, instead of a loop of K reflections.
+
+    Arguments:
+        x: rows, shape ``(..., N, D)``.
+        vectors: the :math:`v_k` (any nonzero norm), shape ``(..., K, D)``.
+        reverse: apply :math:`H_1` last instead of first (the inverse map).
+    """
+    gram = vectors @ vectors.transpose(-1, -2)
+    s = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+    coefficients = x @ vectors.transpose(-1, -2)  # (..., N, K)
+    # S^{-1} for the forward map, S^{-T} for the inverse (the transposed product).
+    if reverse:
+        solved = torch.linalg.solve_triangular(
+            s.transpose(-1, -2), coefficients, upper=False, left=False
+        )
+    else:
+        solved = torch.linalg.solve_triangular(s, coefficients, upper=True, left=False)
+    return x - solved @ vectors
 
 
 def _apply_reflections(x: Tensor, vectors: Tensor, reverse: bool = False) -> Tensor:
-    """Apply :math:`H_K \\cdots H_1` (or :math:`H_1 \\cdots H_K` with ``reverse``) to ``x``.
-
-    Arguments:
-        x: shape ``(..., D)``; also ``(..., N, D)`` with ``vectors`` of shape
-            ``(..., 1, K, D)``, which reflects N vectors at once.
-        vectors: the :math:`v_k`, shape ``(..., K, D)``.
-        reverse: apply :math:`H_1` last instead of first (the inverse map).
-    """
-    order = range(vectors.shape[-2] - 1, -1, -1) if reverse else range(vectors.shape[-2])
-    for k in order:
-        x = _reflect(x, vectors[..., k, :])
-    return x
+    """:func:`reflect_rows` for ``x`` of shape ``(..., D)`` and ``vectors`` ``(..., K, D)``."""
+    return reflect_rows(x.unsqueeze(-2), vectors, reverse).squeeze(-2)
 
 
 class Householder(Flow):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Flow, context_head
-from .householder import _apply_reflections
+from .householder import reflect_rows
 from .planar import _solve_tanh_equation
 
 _VARIANTS = ("orthogonal", "householder", "triangular")
@@ -208,7 +208,7 @@ class Sylvester(Flow):
         elif self.variant == "householder":
             eye = torch.eye(self.input_dim, dtype=r.dtype, device=r.device)
             # Row j of H_1 ... H_K is H_K ... H_1 e_j (each H_k is symmetric).
-            q = _apply_reflections(eye, raw["q_vectors"].unsqueeze(-3))
+            q = reflect_rows(eye, raw["q_vectors"])
         else:
             q = None
         return q, r, r_tilde, raw["b"], r_diag, r_tilde_diag
