@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTES_MARKER = "<!-- notes: kept when the table is regenerated -->"
 
 
-def _pyro_iaf(model, init):
+def _pyro_iaf(model, init, **kw):
     # AutoIAFNormal drops init_loc_fn (its base is a fixed N(0, I)), but tracing the model's
     # flat priors at setup still needs an init strategy that does not sample them; the inner
     # InitMessenger sets each value before AutoIAFNormal's own init_to_feasible sees it.
@@ -59,25 +59,31 @@ def _pyro_iaf(model, init):
 
 # name -> (factory(model, init_loc_fn), is a pyro-flowvi guide)
 GUIDES = {
-    "AutoNormal": (lambda m, init: AutoNormal(m, init_loc_fn=init), False),
-    "AutoMultivariateNormal": (lambda m, init: AutoMultivariateNormal(m, init_loc_fn=init), False),
+    "AutoNormal": (lambda m, init, **kw: AutoNormal(m, init_loc_fn=init), False),
+    "AutoMultivariateNormal": (
+        lambda m, init, **kw: AutoMultivariateNormal(m, init_loc_fn=init),
+        False,
+    ),
     "AutoIAFNormal (Pyro)": (_pyro_iaf, False),
-    "AutoIAFGuide": (lambda m, init: AutoIAFGuide(m, init_loc_fn=init), True),
-    "AutoPlanarGuide": (lambda m, init: AutoPlanarGuide(m, init_loc_fn=init), True),
-    "AutoRadialGuide": (lambda m, init: AutoRadialGuide(m, init_loc_fn=init), True),
+    "AutoIAFGuide": (lambda m, init, **kw: AutoIAFGuide(m, init_loc_fn=init, **kw), True),
+    "AutoPlanarGuide": (lambda m, init, **kw: AutoPlanarGuide(m, init_loc_fn=init, **kw), True),
+    "AutoRadialGuide": (lambda m, init, **kw: AutoRadialGuide(m, init_loc_fn=init, **kw), True),
     "AutoSylvesterGuide (orthogonal)": (
-        lambda m, init: AutoSylvesterGuide(m, init_loc_fn=init, variant="orthogonal"),
+        lambda m, init, **kw: AutoSylvesterGuide(m, init_loc_fn=init, variant="orthogonal", **kw),
         True,
     ),
     "AutoSylvesterGuide (householder)": (
-        lambda m, init: AutoSylvesterGuide(m, init_loc_fn=init, variant="householder"),
+        lambda m, init, **kw: AutoSylvesterGuide(m, init_loc_fn=init, variant="householder", **kw),
         True,
     ),
     "AutoSylvesterGuide (triangular)": (
-        lambda m, init: AutoSylvesterGuide(m, init_loc_fn=init, variant="triangular"),
+        lambda m, init, **kw: AutoSylvesterGuide(m, init_loc_fn=init, variant="triangular", **kw),
         True,
     ),
-    "AutoHouseholderGuide": (lambda m, init: AutoHouseholderGuide(m, init_loc_fn=init), True),
+    "AutoHouseholderGuide": (
+        lambda m, init, **kw: AutoHouseholderGuide(m, init_loc_fn=init, **kw),
+        True,
+    ),
 }
 FLOW_GUIDES = [name for name, (_, ours) in GUIDES.items() if ours]
 
@@ -88,10 +94,11 @@ def run_posterior(name: str, args: argparse.Namespace) -> pd.DataFrame:
     bench = load(name)
     rows = []
     for guide_name in args.guides:
-        factory, _ = GUIDES[guide_name]
+        factory, ours = GUIDES[guide_name]
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
-        guide = factory(bench.model, bench.init_loc_fn)
+        options = {"init_scale": args.init_scale} if ours and args.init_scale else {}
+        guide = factory(bench.model, bench.init_loc_fn, **options)
         start = time.perf_counter()
         try:
             # Adam's steps are ~lr in size whatever the posterior scale, so a fixed lr leaves
@@ -294,6 +301,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-2, help="initial learning rate")
     parser.add_argument("--final-lr", type=float, default=1e-4, help="learning rate at the end")
     parser.add_argument("--num-draws", type=int, default=2000)
+    parser.add_argument(
+        "--init-scale",
+        type=lambda v: v if v in ("auto", "full") else float(v),
+        default=None,
+        help="init_scale of the pyro-flowvi guides (default: their default)",
+    )
     parser.add_argument("--wasserstein-draws", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--posteriors", nargs="+", default=list(NAMES), choices=list(NAMES))

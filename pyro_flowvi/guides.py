@@ -25,6 +25,7 @@ __all__ = [
     "AutoSylvesterGuide",
 ]
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from ._util import is_discrete, plate_batch_shape
 from .distributions import FlowDistribution
-from .flows import Compose, ElementwiseAffine, Flow, Reverse
+from .flows import Compose, ElementwiseAffine, Flow, Reverse, TriangularAffine
 from .flows.householder import Householder
 from .flows.iaf import IAF
 from .flows.planar import Planar
@@ -50,10 +51,13 @@ FlowSpec = Flow | Callable[[int], Flow]
 # init_scale="auto": bounds of the curvature scale, the scale where the log joint is not
 # concave, and how the Hessian diagonal is computed.
 _MIN_AUTO_SCALE = 1e-4
-_MAX_AUTO_SCALE = 5.0
+_MAX_DIAG_SCALE = 5.0  # at an arbitrary start, a weakly curved coordinate starts no wider
+_MAX_FULL_SCALE = 1e3  # at the mode, a weakly curved direction is the posterior's
 _FALLBACK_SCALE = 0.1
 _EXACT_CURVATURE_DIM = 256
 _HUTCHINSON_PROBES = 64
+_MODE_MAX_ITER = 200
+_INIT_ELBO_DRAWS = 64
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -72,11 +76,23 @@ class AutoFlowGuide(AutoContinuous):
             latent size is only known once the model has run, hence factories.
         init_loc_fn: per-site initialisation of :math:`\mu` (see
             :mod:`pyro.infer.autoguide.initialization`); default ``init_to_median``.
-        init_scale: initial :math:`\sigma`: a number > 0, or ``"auto"`` (the default) for
-            :math:`\sigma_i = 1 / \sqrt{-\partial_i^2 \log p}`, the diagonal curvature of
-            the model's unconstrained log joint at the initial location, clipped to
-            ``[1e-4, 5]``; a coordinate where the log joint is not concave gets 0.1 (the
-            ``AutoNormal`` default). See :meth:`curvature_scale`.
+        init_scale: how the base Gaussian starts. A number > 0: :math:`\mu` at
+            ``init_loc_fn``, every :math:`\sigma_i` equal to it (``AutoNormal``'s way; it uses
+            0.1). ``"diag"``: :math:`\mu` at ``init_loc_fn`` and :math:`\sigma_i = 1 /
+            \sqrt{-\partial_i^2 \log p}`, the diagonal curvature of the unconstrained log
+            joint there (:meth:`curvature_scale`). ``"full"``: a Laplace approximation
+            preconditions the guide, :math:`z = \mu_0 + L\,(\mu + \sigma \odot f_K \circ
+            \dots \circ f_1(\epsilon))`, with :math:`\mu_0` the mode found by L-BFGS from the
+            ``init_loc_fn`` location (:meth:`find_mode`), :math:`L L^\top` the inverse
+            curvature there (:meth:`curvature_scale_tril`, fixed), and :math:`\mu = 0`,
+            :math:`\sigma = 1` learned from there; it suits strongly correlated or badly
+            conditioned posteriors, where Adam's per-coordinate steps crawl along a ridge, and
+            misleads where the mode is unrepresentative (a funnel). ``"auto"`` (default):
+            ``"full"`` if L-BFGS finds a maximum and that start has the higher ELBO, estimated
+            from 64 fixed draws of each starting Gaussian, else ``"diag"``; ``"diag"`` alone
+            above 256 latent dimensions (the full Hessian takes one backward pass per
+            dimension). :attr:`init_choice` records which
+            was used.
         num_transforms: how many times the ``flows`` sequence is repeated (fresh layers each
             time); must be 1 when ``flows`` holds built layers.
         summary_samples: number of draws behind :meth:`median` and :meth:`quantiles`.
@@ -97,13 +113,14 @@ class AutoFlowGuide(AutoContinuous):
         summary_samples: int = 4000,
     ) -> None:
         name = type(self).__name__
-        if init_scale != "auto" and (
+        if init_scale not in ("auto", "diag", "full") and (
             isinstance(init_scale, bool)
             or not isinstance(init_scale, (int, float))
             or not init_scale > 0
         ):
             raise ValueError(
-                f"{name}: init_scale must be a number > 0 or 'auto', got {init_scale!r}"
+                f"{name}: init_scale must be a number > 0, 'auto', 'diag' or 'full', "
+                f"got {init_scale!r}"
             )
         if isinstance(num_transforms, bool) or not isinstance(num_transforms, int):
             raise ValueError(f"{name}: num_transforms must be an int >= 1, got {num_transforms!r}")
@@ -126,9 +143,10 @@ class AutoFlowGuide(AutoContinuous):
                 f"num_transforms={num_transforms} times; pass classes or factories instead"
             )
         self._flow_specs = specs
-        self.init_scale = init_scale if init_scale == "auto" else float(init_scale)
+        self.init_scale = init_scale if isinstance(init_scale, str) else float(init_scale)
         self.num_transforms = num_transforms
         self.summary_samples = summary_samples
+        self.init_choice: str | None = None  # "diag" or "full", set when the guide is built
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # ----------------------------------------------------------------------------------------
@@ -189,12 +207,16 @@ class AutoFlowGuide(AutoContinuous):
             raise
         self._check_sites()
         init_loc = self._init_loc().detach()
-        if self.init_scale == "auto":
-            scale: float | Tensor = self.curvature_scale(init_loc, *args, **kwargs)
-        else:
-            scale = self.init_scale
         layers = self._build_flows(self.latent_dim)
-        layers.append(ElementwiseAffine(self.latent_dim, loc=init_loc, scale=scale))
+        start = self._initial_gaussian(init_loc, *args, **kwargs)
+        self.init_choice, loc, scale = start
+        if self.init_choice == "full":
+            # Learned layers work in the coordinates whitened by the Laplace covariance at the
+            # mode: z = mode + L (mu + sigma * f(eps)), mu = 0 and sigma = 1 at first.
+            layers.append(ElementwiseAffine(self.latent_dim))
+            layers.append(TriangularAffine(loc, scale))
+        else:
+            layers.append(ElementwiseAffine(self.latent_dim, loc=loc, scale=scale))
         self.flow = Compose(layers).to(dtype=init_loc.dtype, device=init_loc.device)
 
     def _unconstrained_log_joint(self, z: Tensor, *args: object, **kwargs: object) -> Tensor:
@@ -210,9 +232,80 @@ class AutoFlowGuide(AutoContinuous):
         trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
         return trace.log_prob_sum() + log_det
 
+    def _initial_gaussian(
+        self, init_loc: Tensor, *args: object, **kwargs: object
+    ) -> tuple[str, Tensor, float | Tensor]:
+        """The Gaussian the guide starts from: ``(kind, loc, scale)`` with ``kind`` "diag"
+        (``scale`` a float or a ``(D,)`` tensor) or "full" (``scale`` a Cholesky factor)."""
+        choice = self.init_scale
+        if not isinstance(choice, str):
+            return "diag", init_loc, choice
+        if choice == "auto" and self.latent_dim > _EXACT_CURVATURE_DIM:
+            choice = "diag"
+        if choice in ("auto", "diag"):
+            diag = ("diag", init_loc, self.curvature_scale(init_loc, *args, **kwargs))
+            if choice == "diag":
+                return diag
+        mode, found = self.find_mode(init_loc, *args, **kwargs)
+        tril, is_max = self._laplace_tril(mode, *args, **kwargs)
+        full = ("full", mode, tril)
+        if choice == "full":
+            return full
+        if not (found and is_max):  # no mode, no Laplace approximation: it would mislead
+            return diag
+        diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
+        full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)
+        return full if full_elbo > diag_elbo else diag
+
+    @torch.no_grad()
+    def _gaussian_elbo(
+        self, loc: Tensor, scale_tril: Tensor, *args: object, **kwargs: object
+    ) -> float:
+        """ELBO of ``N(loc, L L^T)`` over the unconstrained latent, from a fixed set of draws
+        (-inf if any draw has a non-finite log joint)."""
+        gen = torch.Generator(device=loc.device).manual_seed(0)
+        eps = torch.randn(
+            (_INIT_ELBO_DRAWS, loc.numel()), generator=gen, device=loc.device, dtype=loc.dtype
+        )
+        draws = loc + eps @ scale_tril.T
+        log_joint = torch.stack([self._unconstrained_log_joint(z, *args, **kwargs) for z in draws])
+        if not bool(torch.isfinite(log_joint).all()):
+            return -math.inf
+        dim = loc.numel()
+        entropy = 0.5 * dim * math.log(2 * math.pi * math.e)
+        entropy += scale_tril.diagonal().log().sum().item()
+        return log_joint.mean().item() + entropy
+
+    def _hessian(self, loc: Tensor, full: bool, *args: object, **kwargs: object) -> Tensor | None:
+        """Hessian (``full``) or its diagonal of the unconstrained log joint at ``loc``; None
+        where the log joint is not finite or not twice differentiable there."""
+        z = loc.detach().clone().requires_grad_(True)
+        log_joint = self._unconstrained_log_joint(z, *args, **kwargs)
+        if not log_joint.requires_grad or not torch.isfinite(log_joint):
+            return None
+        (grad,) = torch.autograd.grad(log_joint, z, create_graph=True)
+        if not grad.requires_grad:  # linear log joint: no curvature anywhere
+            return None
+        dim = z.numel()
+        if full or dim <= _EXACT_CURVATURE_DIM:
+            rows = []
+            for i in range(dim):
+                (row,) = torch.autograd.grad(grad[i], z, retain_graph=True, allow_unused=True)
+                rows.append(torch.zeros_like(z) if row is None else row)
+            hessian = torch.stack(rows).detach()
+            return hessian if full else hessian.diagonal()
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        diag = torch.zeros_like(z)
+        for _ in range(_HUTCHINSON_PROBES):
+            probe = torch.randint(0, 2, z.shape, generator=gen, device=z.device)
+            probe = (2 * probe - 1).to(z.dtype)
+            (hvp,) = torch.autograd.grad(grad, z, probe, retain_graph=True)
+            diag = diag + probe * hvp / _HUTCHINSON_PROBES
+        return diag.detach()
+
     def curvature_scale(self, loc: Tensor, *args: object, **kwargs: object) -> Tensor:
         r"""Per-coordinate scale :math:`1/\sqrt{-H_{ii}}` from the diagonal of the Hessian
-        :math:`H` of the model's unconstrained log joint at ``loc``.
+        :math:`H` of the model's unconstrained log joint at ``loc`` (``init_scale="auto"``).
 
         This is the spread of the conditional Laplace approximation of each coordinate: never
         wider than the posterior's marginal spread where the log joint is Gaussian, and of the
@@ -222,36 +315,92 @@ class AutoFlowGuide(AutoContinuous):
         above that, Hutchinson's estimate :math:`E[v \odot Hv]` with 64 Rademacher probes.
         Clipped to ``[1e-4, 5]``; 0.1 where :math:`H_{ii} \ge 0` or is not finite.
         """
-        z = loc.detach().clone().requires_grad_(True)
-        log_joint = self._unconstrained_log_joint(z, *args, **kwargs)
-        fallback = torch.full_like(z, _FALLBACK_SCALE).detach()
-        if not log_joint.requires_grad or not torch.isfinite(log_joint):
+        fallback = torch.full_like(loc, _FALLBACK_SCALE).detach()
+        diag = self._hessian(loc, False, *args, **kwargs)
+        if diag is None:
             return fallback
-        (grad,) = torch.autograd.grad(log_joint, z, create_graph=True)
-        if not grad.requires_grad:  # linear log joint: no curvature anywhere
-            return fallback
-        dim = z.numel()
-        if dim <= _EXACT_CURVATURE_DIM:
-            rows = [
-                torch.autograd.grad(grad[i], z, retain_graph=True, allow_unused=True)[0]
-                for i in range(dim)
-            ]
-            diag = torch.stack(
-                [row[i] if row is not None else z.new_zeros(()) for i, row in enumerate(rows)]
-            )
-        else:
-            gen = torch.Generator(device=z.device).manual_seed(0)
-            diag = torch.zeros_like(z)
-            for _ in range(_HUTCHINSON_PROBES):
-                probe = torch.randint(0, 2, z.shape, generator=gen, device=z.device)
-                probe = (2 * probe - 1).to(z.dtype)
-                (hvp,) = torch.autograd.grad(grad, z, probe, retain_graph=True)
-                diag = diag + probe * hvp / _HUTCHINSON_PROBES
-        diag = diag.detach()
         good = torch.isfinite(diag) & (diag < 0)
-        scale = (-diag).clamp_min(torch.finfo(z.dtype).tiny).rsqrt()
-        scale = scale.clamp(_MIN_AUTO_SCALE, _MAX_AUTO_SCALE)
+        scale = (-diag).clamp_min(torch.finfo(loc.dtype).tiny).rsqrt()
+        scale = scale.clamp(_MIN_AUTO_SCALE, _MAX_DIAG_SCALE)
         return torch.where(good, scale, fallback)
+
+    def find_mode(
+        self, loc: Tensor, *args: object, max_iter: int = _MODE_MAX_ITER, **kwargs: object
+    ) -> tuple[Tensor, bool]:
+        """Maximize the unconstrained log joint from ``loc`` with L-BFGS (strong Wolfe line
+        search, at most ``max_iter`` iterations).
+
+        Returns:
+            ``(mode, found)``. ``found`` is True when the search ended at a finite point, no
+            worse than ``loc``, whose gradient is below ``1e-3 * max(1, |log joint|)`` in
+            every coordinate (``init_scale="auto"`` also asks for a negative definite Hessian
+            there). Otherwise (no maximum, as in a funnel; a non-finite trial
+            point; ``max_iter`` spent) it is False and ``mode`` is ``loc``.
+        """
+        start = loc.detach().clone()
+        z = start.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [z], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_change=1e-12
+        )
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = -self._unconstrained_log_joint(z, *args, **kwargs)
+            if loss.requires_grad:
+                loss.backward()
+            return loss
+
+        with torch.no_grad():
+            before = self._unconstrained_log_joint(start, *args, **kwargs)
+        try:
+            optimizer.step(closure)
+            mode = z.detach().clone().requires_grad_(True)
+            after = self._unconstrained_log_joint(mode, *args, **kwargs)
+            (grad,) = torch.autograd.grad(after, mode, allow_unused=True)
+        except (RuntimeError, ValueError):  # a non-finite or out-of-support trial point
+            return start, False
+        if grad is None:
+            grad = torch.zeros_like(mode)
+        after = after.detach()
+        tolerance = 1e-3 * max(1.0, abs(after.item())) if torch.isfinite(after) else 0.0
+        found = (
+            bool(torch.isfinite(mode).all())
+            and bool(torch.isfinite(after))
+            and bool(after >= before)
+            and bool(grad.abs().max() <= tolerance)
+        )
+        return (mode.detach(), True) if found else (start, False)
+
+    def curvature_scale_tril(self, loc: Tensor, *args: object, **kwargs: object) -> Tensor:
+        r"""Cholesky factor :math:`L` of :math:`(-H)^{-1}`, the covariance of the Laplace
+        approximation at ``loc`` (``init_scale="full"``), with :math:`H` the full Hessian of
+        the model's unconstrained log joint there (one backward pass per coordinate).
+
+        :math:`-H` is made positive definite in its eigenbasis: each eigenvalue :math:`\lambda`
+        becomes a variance :math:`1/\lambda` with its scale clipped to ``[1e-4, 1e3]``, and a
+        direction with :math:`\lambda \le 0` gets scale 0.1.
+        """
+        return self._laplace_tril(loc, *args, **kwargs)[0]
+
+    def _laplace_tril(self, loc: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, bool]:
+        """:meth:`curvature_scale_tril` and whether ``-H`` was positive definite (a maximum)."""
+        dim = loc.numel()
+        eye = torch.eye(dim, dtype=loc.dtype, device=loc.device)
+        hessian = self._hessian(loc, True, *args, **kwargs)
+        if hessian is None or not bool(torch.isfinite(hessian).all()):
+            return _FALLBACK_SCALE * eye, False
+        precision = -0.5 * (hessian + hessian.T)
+        eigenvalues, vectors = torch.linalg.eigh(precision)
+        scales = eigenvalues.clamp_min(torch.finfo(loc.dtype).tiny).rsqrt()
+        scales = scales.clamp(_MIN_AUTO_SCALE, _MAX_FULL_SCALE)
+        scales = torch.where(eigenvalues > 0, scales, torch.full_like(scales, _FALLBACK_SCALE))
+        is_max = bool((eigenvalues > 0).all())
+        covariance = (vectors * scales**2) @ vectors.T
+        covariance = 0.5 * (covariance + covariance.T)
+        tril, info = torch.linalg.cholesky_ex(covariance)
+        if int(info) != 0:  # rounding at a condition number beyond 1e16
+            return torch.diag(covariance.diagonal().sqrt()), is_max
+        return tril, is_max
 
     # ----------------------------------------------------------------------------------------
     # the posterior

@@ -91,7 +91,8 @@ def _train(guide, model, *args, steps: int = 400, lr: float = 0.05, loss=None):
 def test_elbo_bounded_by_exact_evidence_and_approaches_it(name):
     x, y = _regression_data()
     log_z, mean, precision = _exact(x, y)
-    guide = GUIDES[name](regression_model)
+    # A diagonal start: the Laplace start ("auto") would already be exact on this model.
+    guide = GUIDES[name](regression_model, init_scale="diag")
     _train(guide, regression_model, x, y, steps=STEPS.get(name, 400))
 
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_elbo_bounded_by_exact_evidence_and_approaches_it(name):
 def test_diagonal_base_alone_matches_autonormal_optimum():
     x, y = _regression_data()
     log_z, _, precision = _exact(x, y)
-    guide = AutoFlowGuide(regression_model)
+    guide = AutoFlowGuide(regression_model, init_scale="diag")
     _train(guide, regression_model, x, y)
     with torch.no_grad():
         w, log_q = guide.get_posterior().rsample_and_log_prob((20000,))
@@ -294,7 +295,11 @@ def test_cuda_guide():
 def test_auto_init_scale_is_the_conditional_sd_of_a_gaussian_posterior():
     x, y = _regression_data()
     _, _, precision = _exact(x, y)
-    guide = AutoIAFGuide(regression_model, init_loc_fn=init_to_value(values={"w": torch.ones(3)}))
+    guide = AutoIAFGuide(
+        regression_model,
+        init_loc_fn=init_to_value(values={"w": torch.ones(3)}),
+        init_scale="diag",
+    )
     guide(x, y)
     _, scale = guide.flow.layers[-1].loc_scale()
     expected = precision.diagonal().rsqrt()  # a Gaussian's curvature is the same everywhere
@@ -314,7 +319,7 @@ def test_auto_init_scale_constrained_clipped_and_not_concave_sites():
     init = init_to_value(
         values={"sigma": torch.tensor(2.0), "wide": torch.tensor(0.0), "tail": torch.tensor(3.0)}
     )
-    guide = AutoFlowGuide(model, init_loc_fn=init)
+    guide = AutoFlowGuide(model, init_loc_fn=init, init_scale="diag")
     guide()
     _, scale = guide.flow.layers[-1].loc_scale()
     assert torch.allclose(scale.detach(), torch.tensor([0.4, 5.0, 0.1]), rtol=1e-5), scale
@@ -327,10 +332,60 @@ def test_auto_init_scale_hutchinson_above_256_coordinates():
     def model() -> None:
         pyro.sample("x", dist.Normal(torch.zeros(300), scales).to_event(1))
 
-    guide = AutoFlowGuide(model)
+    guide = AutoFlowGuide(model)  # "auto" is "diag" above 256 dimensions
     guide()
+    assert guide.init_choice == "diag"
     _, scale = guide.flow.layers[-1].loc_scale()
     assert torch.allclose(scale.detach(), scales, rtol=1e-4)
+
+
+@pytest.mark.parametrize("init_scale", ["full", "auto"])
+def test_full_init_is_the_exact_laplace_approximation_of_a_gaussian_posterior(init_scale):
+    # The posterior is Gaussian, so its Laplace approximation is exact: the mode is the
+    # posterior mean and L L^T its covariance; "auto" must prefer it to the diagonal start.
+    x, y = _regression_data()
+    log_z, mean, precision = _exact(x, y)
+    guide = AutoFlowGuide(regression_model, init_scale=init_scale)
+    guide(x, y)
+    assert guide.init_choice == "full"
+    pre = guide.flow.layers[-1]
+    torch.testing.assert_close(pre.loc, mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre.scale_tril @ pre.scale_tril.T, torch.linalg.inv(precision))
+    # With no flow layers the starting guide is the posterior: ELBO = log Z for every draw.
+    with torch.no_grad():
+        w, log_q = guide.get_posterior().rsample_and_log_prob((100,))
+        log_w = _log_joint(w, x, y) - log_q
+    torch.testing.assert_close(log_w, torch.full_like(log_w, log_z), atol=1e-6, rtol=0)
+    # The learned layers sit in whitened coordinates and start at the identity.
+    loc, scale = guide.flow.layers[-2].loc_scale()
+    assert bool((loc == 0).all()) and torch.allclose(scale, torch.ones(3))
+
+
+def test_auto_init_keeps_diag_where_the_mode_is_unrepresentative():
+    # A 5-D funnel's log joint peaks at x = 0, v = -18 (maximize -v^2/18 - 2v), far out in
+    # the neck; the Laplace start there has a far lower ELBO than the diagonal one.
+    def funnel() -> None:
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)).expand([4]).to_event(1))
+
+    guide = AutoIAFGuide(
+        funnel, init_loc_fn=init_to_value(values={"v": torch.tensor(0.5), "x": torch.ones(4)})
+    )
+    guide()
+    assert guide.init_choice == "diag"
+    mode, found = guide.find_mode(torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0]))
+    assert found
+    torch.testing.assert_close(mode, torch.tensor([-18.0, 0, 0, 0, 0]), atol=1e-4, rtol=0)
+
+    # Without a mode (log joint u^2 / 2, unbounded) there is no Laplace start either.
+    def unbounded() -> None:
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))
+        pyro.factor("tilt", u**2)
+
+    flat = AutoFlowGuide(unbounded, init_loc_fn=init_to_value(values={"u": torch.tensor(0.3)}))
+    flat()
+    assert flat.init_choice == "diag"
+    assert flat.init_choice == "diag"
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,7 +395,9 @@ def test_auto_init_scale_hutchinson_above_256_coordinates():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="init_scale must be.*-0.1"):
         AutoIAFGuide(regression_model, init_scale=-0.1)
-    with pytest.raises(ValueError, match="init_scale must be a number > 0 or 'auto'.*'laplace'"):
+    with pytest.raises(
+        ValueError, match="init_scale must be a number > 0, 'auto', 'diag' or 'full'.*'laplace'"
+    ):
         AutoIAFGuide(regression_model, init_scale="laplace")
     with pytest.raises(ValueError, match="num_transforms must be >= 1, got 0"):
         AutoPlanarGuide(regression_model, num_transforms=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .affine import ElementwiseAffine
+from .affine import ElementwiseAffine, TriangularAffine
 from .base import Compose, Flow, Permute, Reverse
 from .coupling import MaskedCoupling, alternating_mask
 from .householder import Householder
@@ -26,5 +26,6 @@ __all__ = [
     "Radial",
     "Reverse",
     "Sylvester",
+    "TriangularAffine",
     "alternating_mask",
 ]

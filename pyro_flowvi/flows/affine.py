@@ -11,7 +11,7 @@ a VAE encoder.
 
 from __future__ import annotations
 
-__all__ = ["ElementwiseAffine"]
+__all__ = ["ElementwiseAffine", "TriangularAffine"]
 
 import torch
 import torch.nn.functional as F
@@ -86,4 +86,56 @@ class ElementwiseAffine(Flow):
         loc, scale = self.loc_scale(context)
         x = (y - loc) / scale
         ladj = -scale.log().sum(-1).expand(x.shape[:-1])
+        return x, ladj
+
+
+class TriangularAffine(Flow):
+    r"""Fixed :math:`y = \mu + L x` with a lower-triangular :math:`L` of positive diagonal.
+
+    Nothing here is learned (:math:`\mu` and :math:`L` are buffers): it is a preconditioner.
+    A guide built with ``init_scale="full"`` ends with one, :math:`L` the Cholesky factor of the
+    inverse curvature at the initial location, so every learned layer before it works in
+    coordinates where the posterior is roughly isotropic and Adam's per-coordinate steps suit
+    it, however correlated or badly scaled the posterior.
+
+    .. math::
+
+        \log|\det J| = \sum_i \log L_{ii}
+
+    Arguments:
+        loc: :math:`\mu`, shape ``(D,)``.
+        scale_tril: :math:`L`, shape ``(D, D)``, lower-triangular with a positive diagonal.
+    """
+
+    has_inverse = True
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        loc = torch.as_tensor(loc)
+        dim = loc.shape[-1]
+        super().__init__(dim)
+        if loc.shape != (dim,) or scale_tril.shape != (dim, dim):
+            raise ValueError(
+                f"TriangularAffine: loc must be (D,) and scale_tril (D, D), got "
+                f"{tuple(loc.shape)} and {tuple(scale_tril.shape)}"
+            )
+        diag = scale_tril.diagonal()
+        if not bool(torch.all(diag > 0)) or not bool(torch.equal(scale_tril, scale_tril.tril())):
+            raise ValueError(
+                "TriangularAffine: scale_tril must be lower-triangular with a positive diagonal"
+            )
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale_tril", scale_tril.detach().clone())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
+        y = self.loc + x @ self.scale_tril.T
+        ladj = self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+        return y, ladj
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check_context(context)
+        centred = (y - self.loc).unsqueeze(-1)
+        tril = self.scale_tril.expand(centred.shape[:-2] + self.scale_tril.shape)
+        x = torch.linalg.solve_triangular(tril, centred, upper=False).squeeze(-1)
+        ladj = -self.scale_tril.diagonal().log().sum().expand(x.shape[:-1])
         return x, ladj
