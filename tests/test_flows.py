@@ -30,9 +30,15 @@ from pyro_flowvi.flows import (
     Radial,
     Reverse,
     Sylvester,
+    TriangularAffine,
 )
 
 C = 2  # context size of the conditional cases
+
+
+def _random_tril(dim: int) -> torch.Tensor:
+    """A lower-triangular matrix with a positive diagonal far from the identity."""
+    return torch.randn(dim, dim).tril(-1) + torch.diag(torch.rand(dim) * 3 + 0.2)
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Case:
 CASES = {
     "affine": Case(lambda: ElementwiseAffine(3), "identity"),
     "affine-ctx": Case(lambda: ElementwiseAffine(3, context_dim=C), "identity"),
+    "triangular-affine": Case(lambda: TriangularAffine(torch.randn(3), _random_tril(3))),
     "permute": Case(lambda: Permute(4)),
     "reverse": Case(lambda: Reverse(4)),
     "planar": Case(lambda: Planar(3), "identity"),
@@ -89,6 +96,7 @@ CASES = {
                 Householder(3),
                 Sylvester(3, "triangular", flip=True),
                 ElementwiseAffine(3),
+                TriangularAffine(torch.randn(3), _random_tril(3)),
             ]
         )
     ),
@@ -282,6 +290,9 @@ def test_sylvester_off_diagonals_matter():
         (lambda: IAF(4, hidden_dims=True), "got True"),
         (lambda: IAF(1, hidden_dims=0), "at least 1 .*got 0"),
         (lambda: MADE(3, [4], num_outputs=0), "num_outputs must be a positive int, got 0"),
+        (lambda: TriangularAffine(torch.zeros(2), torch.ones(2, 2)), "lower-triangular"),
+        (lambda: TriangularAffine(torch.zeros(2), -torch.eye(2)), "positive diagonal"),
+        (lambda: TriangularAffine(torch.zeros(2), torch.eye(3)), r"got \(2,\) and \(3, 3\)"),
     ],
 )
 def test_bad_arguments(build, match):
