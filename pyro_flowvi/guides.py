@@ -91,8 +91,8 @@ class AutoFlowGuide(AutoContinuous):
             ``"full"`` if L-BFGS finds a maximum and that start has the higher ELBO, estimated
             from 64 fixed draws of each starting Gaussian, else ``"diag"``; ``"diag"`` alone
             above 256 latent dimensions (the full Hessian takes one backward pass per
-            dimension). :attr:`init_choice` records which
-            was used.
+            dimension) or when the model subsamples a plate (a noisy log joint).
+            :attr:`init_choice` records which was used.
         num_transforms: how many times the ``flows`` sequence is repeated (fresh layers each
             time); must be 1 when ``flows`` holds built layers.
         summary_samples: number of draws behind :meth:`median` and :meth:`quantiles`.
@@ -240,7 +240,9 @@ class AutoFlowGuide(AutoContinuous):
         choice = self.init_scale
         if not isinstance(choice, str):
             return "diag", init_loc, choice
-        if choice == "auto" and self.latent_dim > _EXACT_CURVATURE_DIM:
+        if choice == "auto" and (
+            self.latent_dim > _EXACT_CURVATURE_DIM or self._subsampled_log_joint()
+        ):
             choice = "diag"
         if choice in ("auto", "diag"):
             diag = ("diag", init_loc, self.curvature_scale(init_loc, *args, **kwargs))
@@ -256,6 +258,17 @@ class AutoFlowGuide(AutoContinuous):
         diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
         full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)
         return full if full_elbo > diag_elbo else diag
+
+    def _subsampled_log_joint(self) -> bool:
+        """Whether any site of the model sits in a subsampled plate (a noisy log joint)."""
+        for site in self.prototype_trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.full_size is not None:
+                    if frame.size < frame.full_size:
+                        return True
+        return False
 
     @torch.no_grad()
     def _gaussian_elbo(

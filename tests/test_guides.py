@@ -388,6 +388,23 @@ def test_auto_init_keeps_diag_where_the_mode_is_unrepresentative():
     assert flat.init_choice == "diag"
 
 
+def test_auto_init_is_diag_when_the_model_subsamples():
+    # A subsampled likelihood makes the log joint noisy: no L-BFGS search on it.
+    x, y = _regression_data(n=40)
+
+    def subsampled(x: torch.Tensor, y: torch.Tensor) -> None:
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", 40, subsample_size=10) as idx:
+            pyro.sample("y", dist.Normal((x[idx] * w).sum(-1), SIGMA), obs=y[idx])
+
+    guide = AutoFlowGuide(subsampled)
+    guide(x, y)
+    assert guide.init_choice == "diag"
+    full_batch = AutoFlowGuide(regression_model)
+    full_batch(x, y)
+    assert full_batch.init_choice == "full"
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input, before any fitting
 
