@@ -1,1 +1,1 @@
-python benchmarks/reference_posteriors.py --posteriors gp_pois_regr arK --out ''
+python benchmarks/reference_posteriors.py --posteriors diamonds garch11 arK --out ''

@@ -1,1 +1,1 @@
-python benchmarks/reference_posteriors.py --posteriors kilpisjarvi diamonds --out ''
+python benchmarks/reference_posteriors.py --posteriors diamonds garch11 arK --out ''

@@ -1,1 +1,1 @@
-python benchmarks/reference_posteriors.py --posteriors eight_schools_centered garch11 --out ''
+python benchmarks/reference_posteriors.py --posteriors eight_schools_centered gp_pois_regr kilpisjarvi --out ''

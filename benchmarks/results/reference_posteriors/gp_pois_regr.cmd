@@ -1,1 +1,1 @@
-python benchmarks/reference_posteriors.py --posteriors gp_pois_regr arK --out ''
+python benchmarks/reference_posteriors.py --posteriors eight_schools_centered gp_pois_regr kilpisjarvi --out ''

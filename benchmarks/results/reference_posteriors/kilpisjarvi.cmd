@@ -1,1 +1,1 @@
-python benchmarks/reference_posteriors.py --posteriors kilpisjarvi diamonds --out ''
+python benchmarks/reference_posteriors.py --posteriors eight_schools_centered gp_pois_regr kilpisjarvi --out ''
