@@ -8,10 +8,12 @@ Every guide packs the model's continuous latents into one unconstrained vector (
     z = \mu + \sigma \odot f_K \circ \dots \circ f_1(\epsilon), \qquad
     \epsilon \sim \mathcal N(0, I),
 
-so that a freshly built guide (every layer near the identity) starts where ``AutoNormal``
-starts: mean ``init_loc_fn``, scale ``init_scale``. The flow layers act in standardized
-coordinates, which keeps their parameters of order one whatever the scale of the posterior.
-The log-density of each draw comes from the same forward pass as the draw.
+so that a freshly built guide (every layer near the identity) starts as a Gaussian: by
+default at ``init_loc_fn`` with scales from the model's curvature there, or at a Laplace
+approximation (then :math:`z = \mu_0 + L(\mu + \sigma \odot f(\epsilon))` with a fixed
+:math:`L`) where that starts with a higher ELBO; see ``init_scale``. The flow layers act in
+standardized coordinates, which keeps their parameters of order one whatever the scale of the
+posterior. The log-density of each draw comes from the same forward pass as the draw.
 """
 
 from __future__ import annotations
