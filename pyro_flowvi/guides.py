@@ -617,10 +617,14 @@ class AutoIAFGuide(AutoFlowGuide):
         num_transforms: int = 3,
         hidden_dims: int | Sequence[int] | None = None,
         skip_connections: bool = False,
+        update: str = "gated",
         **kwargs: object,
     ) -> None:
+        if update not in ("gated", "affine"):
+            raise ValueError(f"AutoIAFGuide: update must be 'gated' or 'affine', got {update!r}")
         self.hidden_dims = hidden_dims
         self.skip_connections = skip_connections
+        self.update = update
         super().__init__(model, num_transforms=num_transforms, **kwargs)
 
     def _build_flows(self, input_dim: int) -> list[Flow]:
@@ -630,7 +634,10 @@ class AutoIAFGuide(AutoFlowGuide):
                 layers.append(Reverse(input_dim))
             layers.append(
                 IAF(
-                    input_dim, hidden_dims=self.hidden_dims, skip_connections=self.skip_connections
+                    input_dim,
+                    hidden_dims=self.hidden_dims,
+                    skip_connections=self.skip_connections,
+                    update=self.update,
                 )
             )
         return layers

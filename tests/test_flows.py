@@ -82,6 +82,8 @@ CASES = {
     "iaf-ctx": Case(lambda: IAF(3, hidden_dims=5, context_dim=C), "gated"),
     "iaf-skip-ctx": Case(lambda: IAF(3, skip_connections=True, context_dim=C), "gated"),
     "iaf-d1": Case(lambda: IAF(1), "gated"),
+    "iaf-affine": Case(lambda: IAF(3, update="affine"), "identity"),
+    "iaf-affine-ctx": Case(lambda: IAF(3, update="affine", context_dim=C), "identity"),
     "iaf-d1-ctx": Case(lambda: IAF(1, context_dim=C), "gated"),
     "coupling": Case(lambda: MaskedCoupling(4, hidden_dims=(6,)), "identity"),
     "coupling-ctx": Case(lambda: MaskedCoupling(4, hidden_dims=(6,), context_dim=C), "identity"),
@@ -290,6 +292,8 @@ def test_sylvester_off_diagonals_matter():
         (lambda: IAF(4, hidden_dims=True), "got True"),
         (lambda: IAF(1, hidden_dims=0), "at least 1 .*got 0"),
         (lambda: MADE(3, [4], num_outputs=0), "num_outputs must be a positive int, got 0"),
+        (lambda: IAF(3, update="clamped"), "update must be 'gated' or 'affine', got 'clamped'"),
+        (lambda: IAF(3, update="affine", max_log_scale=0.0), "max_log_scale must be > 0, got 0.0"),
         (lambda: TriangularAffine(torch.zeros(2), torch.ones(2, 2)), "lower-triangular"),
         (lambda: TriangularAffine(torch.zeros(2), -torch.eye(2)), "positive diagonal"),
         (lambda: TriangularAffine(torch.zeros(2), torch.eye(3)), r"got \(2,\) and \(3, 3\)"),
@@ -405,6 +409,18 @@ def test_float32_inverse_converges():
     y, _ = layer(x)
     x2, _ = layer.inverse(y)
     torch.testing.assert_close(x2, x, atol=1e-4, rtol=1e-4)
+
+
+def test_affine_iaf_log_scale_is_smoothly_bounded():
+    # A huge MADE output saturates tanh instead of overflowing exp: no straight-through clamp,
+    # and the gradient shrinks smoothly rather than being passed through unchanged.
+    layer = IAF(2, update="affine", max_log_scale=3.0)
+    with torch.no_grad():
+        layer.made.output_layer.bias.fill_(1e4)
+    x = torch.randn(5, 2, requires_grad=True)
+    y, ladj = layer(x)
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(ladj, torch.full((5,), 6.0))  # 2 coordinates x 3.0
 
 
 def test_activation_option_is_used():

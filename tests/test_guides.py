@@ -32,10 +32,11 @@ GUIDES = {
     "sylvester-householder": functools.partial(AutoSylvesterGuide, variant="householder"),
     "sylvester-triangular": functools.partial(AutoSylvesterGuide, variant="triangular"),
     "iaf": AutoIAFGuide,
+    "iaf-affine": functools.partial(AutoIAFGuide, update="affine"),
     "flow-mixed": functools.partial(AutoFlowGuide, flows=[Planar, IAF, Reverse], num_transforms=2),
 }
 # The plain-MADE IAF moves its means along a strongly correlated direction more slowly.
-STEPS = {"iaf": 1000}
+STEPS = {"iaf": 1000, "iaf-affine": 1000}
 
 # Guides that can correlate coordinates must close most of the diagonal Gaussian's gap on a
 # correlated Gaussian posterior (radial cannot: it only moves mass along rays from a centre).
@@ -416,6 +417,8 @@ def test_bad_constructor_arguments():
         ValueError, match="init_scale must be a number > 0, 'auto', 'diag' or 'full'.*'laplace'"
     ):
         AutoIAFGuide(regression_model, init_scale="laplace")
+    with pytest.raises(ValueError, match="update must be 'gated' or 'affine', got 'clamp'"):
+        AutoIAFGuide(regression_model, update="clamp")
     with pytest.raises(ValueError, match="num_transforms must be >= 1, got 0"):
         AutoPlanarGuide(regression_model, num_transforms=0)
     with pytest.raises(ValueError, match="variant.*'qr'"):

@@ -53,6 +53,10 @@ class IAF(Flow):
             (default ``nn.ELU``).
         context_dim: for a conditional layer, the context (shape ``(..., context_dim)``)
             enters the MADE's first hidden layer through an unmasked linear map.
+        update: ``"gated"`` (default, above) or ``"affine"``: :math:`y = m + e^{\ell} \odot x`
+            with :math:`\ell = b \tanh(s / b)`, a smoothly bounded log-scale that can stretch
+            as well as shrink (a fresh layer is the identity; ``sigmoid_bias`` is unused).
+        max_log_scale: :math:`b` of the affine update (default 3.0).
 
     Example:
         >>> layer = IAF(4)
@@ -77,8 +81,16 @@ class IAF(Flow):
         sigmoid_bias: float = 2.0,
         activation: Callable[[], nn.Module] = nn.ELU,
         context_dim: int | None = None,
+        update: str = "gated",
+        max_log_scale: float = 3.0,
     ) -> None:
         super().__init__(input_dim, context_dim)
+        if update not in ("gated", "affine"):
+            raise ValueError(f"IAF: update must be 'gated' or 'affine', got {update!r}")
+        if not max_log_scale > 0:
+            raise ValueError(f"IAF: max_log_scale must be > 0, got {max_log_scale!r}")
+        self.update = update
+        self.max_log_scale = float(max_log_scale)
         if hidden_dims is None:
             width = max(2 * input_dim, 8)
             hidden_dims = [width, width]
@@ -101,18 +113,33 @@ class IAF(Flow):
         shift, log_scale = self.made(x, context).unbind(-2)
         return shift, log_scale + self.sigmoid_bias
 
+    def _shift_log_scale(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(a, log s)`` of the update ``y = a + s * x``, for either form."""
+        if self.update == "gated":
+            shift, gate = self._shift_gate(x, context)
+            return torch.sigmoid(-gate) * shift, _log_sigmoid(gate)
+        self._check_context(context)
+        shift, raw = self.made(x, context).unbind(-2)
+        bound = self.max_log_scale
+        return shift, bound * torch.tanh(raw / bound)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        shift, gate = self._shift_gate(x, context)
-        y = torch.sigmoid(gate) * x + torch.sigmoid(-gate) * shift
-        return y, _log_sigmoid(gate).sum(-1)
+        if self.update == "gated":  # the benchmarked path, op for op
+            shift, gate = self._shift_gate(x, context)
+            y = torch.sigmoid(gate) * x + torch.sigmoid(-gate) * shift
+            return y, _log_sigmoid(gate).sum(-1)
+        shift, log_scale = self._shift_log_scale(x, context)
+        return shift + torch.exp(log_scale) * x, log_scale.sum(-1)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.zeros_like(y)
         for _ in range(self.input_dim):
-            shift, gate = self._shift_gate(x, context)
-            x = (y - torch.sigmoid(-gate) * shift) / torch.sigmoid(gate)
-        # The last pass saw the correct x_1..x_{D-1}, which is all that the gates depend on.
-        return x, -_log_sigmoid(gate).sum(-1)
+            shift, log_scale = self._shift_log_scale(x, context)
+            x = (y - shift) * torch.exp(-log_scale)
+        # The last pass saw the correct x_1..x_{D-1}, which is all that (a, s) depend on.
+        return x, -log_scale.sum(-1)
 
     def extra_repr(self) -> str:
+        if self.update == "affine":
+            return super().extra_repr() + f", update='affine', max_log_scale={self.max_log_scale}"
         return super().extra_repr() + f", sigmoid_bias={self.sigmoid_bias}"
