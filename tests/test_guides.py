@@ -357,6 +357,11 @@ def test_full_init_is_the_exact_laplace_approximation_of_a_gaussian_posterior(in
         w, log_q = guide.get_posterior().rsample_and_log_prob((100,))
         log_w = _log_joint(w, x, y) - log_q
     torch.testing.assert_close(log_w, torch.full_like(log_w, log_z), atol=1e-6, rtol=0)
+    # log_prob of arbitrary points goes through the inverse of every layer.
+    points = mean + torch.randn(10, 3)
+    exact = dist.MultivariateNormal(mean, precision_matrix=precision).log_prob(points)
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(points), exact)
     # The learned layers sit in whitened coordinates and start at the identity.
     loc, scale = guide.flow.layers[-2].loc_scale()
     assert bool((loc == 0).all()) and torch.allclose(scale, torch.ones(3))
