@@ -50,6 +50,13 @@ from .flows.sylvester import Sylvester
 
 FlowSpec = Flow | Callable[[int], Flow]
 
+
+def _is_subsampled(frame: object) -> bool:
+    """Whether a plate frame covers only part of its plate (a mini-batch)."""
+    full = frame.full_size
+    return bool(frame.vectorized and full is not None and frame.size < full)
+
+
 # init_scale="auto": bounds of the curvature scale, the scale where the log joint is not
 # concave, and how the Hessian diagonal is computed.
 _MIN_AUTO_SCALE = 1e-4
@@ -190,14 +197,14 @@ class AutoFlowGuide(AutoContinuous):
                     "separately inside an AutoGuideList."
                 )
             for frame in site["cond_indep_stack"]:
-                full = frame.full_size
-                if frame.vectorized and full is not None and frame.size < full:
+                if _is_subsampled(frame):
                     raise ValueError(
                         f"{name}: latent site '{site_name}' is local to plate '{frame.name}', "
-                        f"which is subsampled ({frame.size} of {full}); a global guide would "
-                        "reuse the same latent slots for every mini-batch. Hide it from this "
-                        f"guide (poutine.block(model, hide=['{site_name}'])) and guide it with "
-                        "pyro_flowvi.amortized (an encoder-driven flow) inside an AutoGuideList."
+                        f"which is subsampled ({frame.size} of {frame.full_size}); a global "
+                        "guide would reuse the same latent slots for every mini-batch. Hide it "
+                        f"from this guide (poutine.block(model, hide=['{site_name}'])) and guide "
+                        "it with pyro_flowvi.amortized (an encoder-driven flow) inside an "
+                        "AutoGuideList."
                     )
 
     def _setup_prototype(self, *args: object, **kwargs: object) -> None:
@@ -251,11 +258,13 @@ class AutoFlowGuide(AutoContinuous):
             if choice == "diag":
                 return diag
         mode, found = self.find_mode(init_loc, *args, **kwargs)
+        if choice == "auto" and not found:  # no mode, no Laplace approximation
+            return diag
         tril, is_max = self._laplace_tril(mode, *args, **kwargs)
         full = ("full", mode, tril)
         if choice == "full":
             return full
-        if not (found and is_max):  # no mode, no Laplace approximation: it would mislead
+        if not is_max:  # a saddle or a minimum: its curvature would mislead
             return diag
         diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
         full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)
@@ -266,10 +275,8 @@ class AutoFlowGuide(AutoContinuous):
         for site in self.prototype_trace.nodes.values():
             if site["type"] != "sample":
                 continue
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized and frame.full_size is not None:
-                    if frame.size < frame.full_size:
-                        return True
+            if any(_is_subsampled(frame) for frame in site["cond_indep_stack"]):
+                return True
         return False
 
     @torch.no_grad()

@@ -108,34 +108,25 @@ class IAF(Flow):
         if self.made.skip is not None:
             nn.init.zeros_(self.made.skip.weight)
 
-    def _shift_gate(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        self._check_context(context)
-        shift, log_scale = self.made(x, context).unbind(-2)
-        return shift, log_scale + self.sigmoid_bias
-
-    def _shift_log_scale(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(a, log s)`` of the update ``y = a + s * x``, for either form."""
-        if self.update == "gated":
-            shift, gate = self._shift_gate(x, context)
-            return torch.sigmoid(-gate) * shift, _log_sigmoid(gate)
+    def _update(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(a, s, log s)`` of the update ``y = a + s * x``, for either form."""
         self._check_context(context)
         shift, raw = self.made(x, context).unbind(-2)
-        bound = self.max_log_scale
-        return shift, bound * torch.tanh(raw / bound)
+        if self.update == "gated":
+            gate = raw + self.sigmoid_bias
+            return torch.sigmoid(-gate) * shift, torch.sigmoid(gate), _log_sigmoid(gate)
+        log_scale = self.max_log_scale * torch.tanh(raw / self.max_log_scale)
+        return shift, torch.exp(log_scale), log_scale
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.update == "gated":  # the benchmarked path, op for op
-            shift, gate = self._shift_gate(x, context)
-            y = torch.sigmoid(gate) * x + torch.sigmoid(-gate) * shift
-            return y, _log_sigmoid(gate).sum(-1)
-        shift, log_scale = self._shift_log_scale(x, context)
-        return shift + torch.exp(log_scale) * x, log_scale.sum(-1)
+        shift, scale, log_scale = self._update(x, context)
+        return shift + scale * x, log_scale.sum(-1)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.zeros_like(y)
         for _ in range(self.input_dim):
-            shift, log_scale = self._shift_log_scale(x, context)
-            x = (y - shift) * torch.exp(-log_scale)
+            shift, scale, log_scale = self._update(x, context)
+            x = (y - shift) / scale
         # The last pass saw the correct x_1..x_{D-1}, which is all that (a, s) depend on.
         return x, -log_scale.sum(-1)
 
