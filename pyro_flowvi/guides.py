@@ -258,13 +258,11 @@ class AutoFlowGuide(AutoContinuous):
             if choice == "diag":
                 return diag
         mode, found = self.find_mode(init_loc, *args, **kwargs)
-        if choice == "auto" and not found:  # no mode, no Laplace approximation
-            return diag
         tril, is_max = self._laplace_tril(mode, *args, **kwargs)
         full = ("full", mode, tril)
         if choice == "full":
             return full
-        if not is_max:  # a saddle or a minimum: its curvature would mislead
+        if not (found and is_max):  # no mode, no Laplace approximation: it would mislead
             return diag
         diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
         full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)
