@@ -156,6 +156,11 @@ class AutoFlowGuide(AutoContinuous):
         self.num_transforms = num_transforms
         self.summary_samples = summary_samples
         self.init_choice: str | None = None  # "diag" or "full", set when the guide is built
+        # AutoContinuous wraps the model in InitMessenger, which draws init_loc_fn's values
+        # (init_to_median: 15 prior draws per site) at every call, even for sites that are
+        # then conditioned. The start's log-joint evaluations use the model as given, in a
+        # tuple so that a PyroModule model is not registered as a submodule twice.
+        self._given_model = (model,)
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # ----------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ class AutoFlowGuide(AutoContinuous):
             value = transform(unconstrained)
             values[site["name"]] = value
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
-        conditioned = poutine.condition(self.model, data=values)
+        conditioned = poutine.condition(self._given_model[0], data=values)
         trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
         return trace.log_prob_sum() + log_det
 
@@ -258,11 +263,13 @@ class AutoFlowGuide(AutoContinuous):
             if choice == "diag":
                 return diag
         mode, found = self.find_mode(init_loc, *args, **kwargs)
+        if choice == "auto" and not found:  # no mode, no Laplace approximation: it would mislead
+            return diag
         tril, is_max = self._laplace_tril(mode, *args, **kwargs)
         full = ("full", mode, tril)
         if choice == "full":
             return full
-        if not (found and is_max):  # no mode, no Laplace approximation: it would mislead
+        if not is_max:  # a saddle or a flat direction at the point L-BFGS stopped
             return diag
         diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
         full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_median, init_to_value
 
 from pyro_flowvi import (
     AutoFlowGuide,
@@ -391,7 +391,6 @@ def test_auto_init_keeps_diag_where_the_mode_is_unrepresentative():
     flat = AutoFlowGuide(unbounded, init_loc_fn=init_to_value(values={"u": torch.tensor(0.3)}))
     flat()
     assert flat.init_choice == "diag"
-    assert flat.init_choice == "diag"
 
 
 def test_auto_init_is_diag_when_the_model_subsamples():
@@ -409,6 +408,30 @@ def test_auto_init_is_diag_when_the_model_subsamples():
     full_batch = AutoFlowGuide(regression_model)
     full_batch(x, y)
     assert full_batch.init_choice == "full"
+
+
+@pytest.mark.parametrize("init_scale", ["auto", "full", "diag"])
+def test_start_search_leaves_init_loc_fn_and_the_global_rng_alone(init_scale):
+    # The L-BFGS search, the Hessians and the start's ELBO evaluate the model as given: no
+    # init_loc_fn call (init_to_median draws 15 prior samples per call) and no global random
+    # draws beyond those of the fixed-scale guide's setup.
+    x, y = _regression_data()
+    calls = []
+
+    def counting_init(site):
+        calls.append(site["name"])
+        return init_to_median(site)
+
+    states = {}
+    for scale in (init_scale, 1.0):
+        calls.clear()
+        pyro.set_rng_seed(0)
+        guide = AutoFlowGuide(regression_model, init_loc_fn=counting_init, init_scale=scale)
+        guide._setup_prototype(x, y)
+        states[scale] = (list(calls), torch.get_rng_state())
+    (search_calls, search_state), (plain_calls, plain_state) = states.values()
+    assert search_calls == plain_calls == ["w"]
+    assert torch.equal(search_state, plain_state)
 
 
 # ------------------------------------------------------------------------------------------
