@@ -146,6 +146,11 @@ GUIDES = {
         "pyro_iaf",
         "AutoIAFGuide(update='affine') (not in the default run)",
     ),
+    "iaf_t": (
+        lambda m, t: AutoIAFGuide(m, base="studentt"),
+        "pyro_iaf",
+        "AutoIAFGuide(base='studentt') (not in the default run)",
+    ),
     "pyro_iaf": (
         _pyro_iaf,
         None,
@@ -158,7 +163,7 @@ GUIDES = {
     ),
 }
 # Run only when named with --guides: an option, not a default guide.
-OPTIONAL = ["iaf_affine"]
+OPTIONAL = ["iaf_affine", "iaf_t"]
 OURS = [
     "planar",
     "radial",
@@ -168,6 +173,7 @@ OURS = [
     "sylvester_triangular",
     "iaf",
     "iaf_affine",
+    "iaf_t",
 ]
 
 

@@ -100,15 +100,17 @@ def test_main_runs_end_to_end(bench, tmp_path):
 
 
 def test_optional_guides_run_only_when_named(bench, tmp_path):
-    assert "iaf_affine" not in bench.parse_args([]).guides
+    assert bench.OPTIONAL == ["iaf_affine", "iaf_t"]
+    assert not set(bench.OPTIONAL) & set(bench.parse_args([]).guides)
     args = bench.parse_args(
         ["--num-steps", "5", "--warmup", "1", "--num-draws", "32", "--targets", "funnel"]
-        + ["--guides", "iaf_affine", "pyro_iaf", "--outdir", str(tmp_path)]
+        + ["--guides", *bench.OPTIONAL, "pyro_iaf", "--outdir", str(tmp_path)]
     )
     threads = torch.get_num_threads()
     try:
         rows = bench.main(args)
     finally:
         torch.set_num_threads(threads)
-    (row,) = [r for r in rows if r["guide"] == "iaf_affine"]
-    assert row["error"] == "" and math.isfinite(row["elbo"]) and math.isfinite(row["ratio"])
+    for name in bench.OPTIONAL:
+        (row,) = [r for r in rows if r["guide"] == name]
+        assert row["error"] == "" and math.isfinite(row["elbo"]) and math.isfinite(row["ratio"])
