@@ -255,9 +255,10 @@ def test_vectorized_particles_and_mean_field_elbo(name):
     assert guide.sample_latent(x, y).shape == (3,)
 
 
-def test_state_dict_and_param_store_round_trip():
+@pytest.mark.parametrize("base", ["normal", "studentt"])
+def test_state_dict_and_param_store_round_trip(base):
     x, y = _regression_data()
-    guide = AutoIAFGuide(regression_model)
+    guide = AutoIAFGuide(regression_model, base=base)
     _train(guide, regression_model, x, y, steps=30)
     z = torch.randn(5, 3)
     expected = guide.get_posterior().log_prob(z)
@@ -265,10 +266,13 @@ def test_state_dict_and_param_store_round_trip():
     buffer = io.BytesIO()
     torch.save(guide.state_dict(), buffer)
     pyro.clear_param_store()
-    fresh = AutoIAFGuide(regression_model)
+    fresh = AutoIAFGuide(regression_model, base=base)
     fresh(x, y)
     buffer.seek(0)
     fresh.load_state_dict(torch.load(buffer))
+    if base == "studentt":  # the learned degrees of freedom travel with the state dict
+        assert not torch.allclose(guide.base_df, torch.full_like(guide.base_df, 10.0))
+        torch.testing.assert_close(fresh.base_df, guide.base_df)
     assert torch.allclose(fresh.get_posterior().log_prob(z), expected)
     assert torch.equal(fresh.median(x, y)["w"], guide.median(x, y)["w"])
 
