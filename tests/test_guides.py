@@ -287,9 +287,10 @@ def test_float32_guide():
 
 
 @pytest.mark.cuda
-def test_cuda_guide():
+@pytest.mark.parametrize("base", ["normal", "studentt"])
+def test_cuda_guide(base):
     x, y = (t.cuda() for t in _regression_data())
-    guide = AutoIAFGuide(regression_model)
+    guide = AutoIAFGuide(regression_model, base=base)
     _train(guide, regression_model, x, y, steps=5)
     assert all(p.is_cuda for p in guide.parameters())
     assert guide.median(x, y)["w"].is_cuda
