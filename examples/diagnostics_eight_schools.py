@@ -1,8 +1,9 @@
 """Did it work? Diagnosing variational fits of the eight-schools funnel through ArviZ.
 
-Fits three guides to the centred eight-schools model (Rubin, 1981), whose posterior is a
+Fits four guides to the centred eight-schools model (Rubin, 1981), whose posterior is a
 funnel between ``tau`` and ``theta``: Pyro's ``AutoNormal`` and ``AutoMultivariateNormal`` and
-pyro-flowvi's ``AutoIAFGuide``. Each fit becomes an ArviZ object (``to_arviz``), is judged by
+pyro-flowvi's ``AutoIAFGuide``, with a Gaussian base and with a heavy-tailed Student-t base
+(``base="studentt"``). Each fit becomes an ArviZ object (``to_arviz``), is judged by
 PSIS k-hat, the importance-weighted ELBO and the importance-sampling ESS
 (``vi_diagnostics``), scored by VI-corrected PSIS-LOO (``vi_loo``), and compared with the
 gold-standard NUTS draws of posteriordb (``compare_approximations``). Figures: the ELBO
@@ -26,6 +27,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 from pathlib import Path
 
@@ -51,6 +53,7 @@ GUIDES = {
     "AutoNormal": AutoNormal,
     "AutoMultivariateNormal": AutoMultivariateNormal,
     "AutoIAFGuide": AutoIAFGuide,
+    "AutoIAFGuide, t base": functools.partial(AutoIAFGuide, base="studentt"),
 }
 
 
