@@ -8,11 +8,14 @@ fresh layers sit at or near the identity, where a wrong log-determinant can stil
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import pytest
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import Sylvester as PyroSylvester
 from torch import nn
 
@@ -87,6 +90,22 @@ CASES = {
     "iaf-d1-ctx": Case(lambda: IAF(1, context_dim=C), "gated"),
     "coupling": Case(lambda: MaskedCoupling(4, hidden_dims=(6,)), "identity"),
     "coupling-ctx": Case(lambda: MaskedCoupling(4, hidden_dims=(6,), context_dim=C), "identity"),
+    # A one-dimensional latent, for every layer (size-1 parameters must keep standard strides).
+    "affine-d1": Case(lambda: ElementwiseAffine(1), "identity"),
+    "affine-d1-ctx": Case(lambda: ElementwiseAffine(1, context_dim=C), "identity"),
+    "affine-d1-scale-only": Case(lambda: ElementwiseAffine(1, learn_loc=False), "identity"),
+    "radial-d1-ctx": Case(lambda: Radial(1, context_dim=C), "identity"),
+    "householder-d1": Case(lambda: Householder(1)),
+    "householder-d1-ctx": Case(lambda: Householder(1, context_dim=C)),
+    "sylvester-orth-d1": Case(lambda: Sylvester(1), "identity"),
+    "sylvester-orth-d1-ctx": Case(lambda: Sylvester(1, context_dim=C), "identity"),
+    "sylvester-hh-d1": Case(lambda: Sylvester(1, "householder"), "identity"),
+    "iaf-affine-d1": Case(lambda: IAF(1, update="affine"), "identity"),
+    "coupling-d1": Case(lambda: MaskedCoupling(1, hidden_dims=(3,)), "identity"),
+    "coupling-d1-ctx": Case(
+        lambda: MaskedCoupling(1, hidden_dims=(3,), context_dim=C), "identity"
+    ),
+    "triangular-affine-d1": Case(lambda: TriangularAffine(torch.randn(1), _random_tril(1))),
     "compose": Case(
         lambda: Compose(
             [
@@ -204,6 +223,33 @@ def _check_inverse(layer: Flow) -> None:
                 assert float(g.abs().max()) < 1e-6
 
 
+def _dead_parameters(layer: nn.Module) -> set[int]:
+    """Parameters that never get a gradient, by construction.
+
+    Masked weights whose mask is all zero (a MADE for D = 1); the direction vectors of a
+    one-dimensional Householder reflection or Sylvester Q (both are -1 or +1 whatever the
+    vector), and the head that produces them; the first weight of an unconditional coupling
+    network whose mask keeps nothing (its input is always zero).
+    """
+    dead = set()
+    for module in layer.modules():
+        if isinstance(module, MaskedLinear) and not bool(module.mask.any()):
+            dead.add(id(module.weight))
+        if isinstance(module, (Householder, Sylvester)) and module.input_dim == 1:
+            for name in ("vectors", "q_raw", "q_vectors"):
+                if isinstance(getattr(module, name, None), nn.Parameter):
+                    dead.add(id(getattr(module, name)))
+            if isinstance(module, Householder) and module.context_dim is not None:
+                dead |= {id(p) for p in module.head.parameters()}
+        if (
+            isinstance(module, MaskedCoupling)
+            and module.context_dim is None
+            and not bool(module.mask.any())
+        ):
+            dead.add(id(module.net[0].weight))
+    return dead
+
+
 def _check_gradients(layer: Flow) -> None:
     if not list(layer.parameters()):
         return
@@ -211,11 +257,7 @@ def _check_gradients(layer: Flow) -> None:
     y, ladj = layer(x, context)
     layer.zero_grad()
     (y.sum() + ladj.sum()).backward()
-    dead = {
-        id(module.weight)
-        for module in layer.modules()
-        if isinstance(module, MaskedLinear) and not bool(module.mask.any())
-    }
+    dead = _dead_parameters(layer)
     for name, p in layer.named_parameters():
         assert p.grad is not None, name
         assert bool(p.grad.isfinite().all()), name
@@ -426,3 +468,67 @@ def test_affine_iaf_log_scale_is_smoothly_bounded():
 def test_activation_option_is_used():
     layer = IAF(3, activation=nn.Tanh)
     assert all(isinstance(a, nn.Tanh) for a in layer.made.activations)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameters_have_standard_strides(name):
+    # Pyro's param store keeps a contiguous copy of a non-contiguous parameter (the module's
+    # own tensor then never trains), and a zero stride on a size-1 dimension breaks torch's
+    # gradient layout contract (a warning on every accumulation).
+    layer = CASES[name].build()
+    for dtype in (torch.float64, torch.float32):
+        layer = layer.to(dtype)
+        for param_name, p in layer.named_parameters():
+            assert p.is_contiguous(), (param_name, p.stride())
+            assert p.stride() == torch.empty(p.shape).stride(), (param_name, p.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CASES))
+def test_pyro_optimizer_trains_every_parameter(name, dtype):
+    layer = CASES[name].build()
+    _perturb(layer)  # a fresh IAF has a zero output layer, which blocks the hidden gradients
+    pyro.module("flow", layer)
+    layer = layer.to(dtype)  # same Parameter objects, new data
+    params = dict(layer.named_parameters())
+    if not params:
+        return
+    x, context = _inputs(layer, (5,))
+    x = x.to(dtype)
+    context = None if context is None else context.to(dtype)
+    weights = torch.randn(x.shape, dtype=dtype)
+    optim = pyro.optim.Adam({"lr": 0.01})
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(3):
+        with poutine.trace(param_only=True) as tape:
+            pyro.module("flow", layer)
+            y, ladj = layer(x, context)
+            loss = (weights * y).sum() - ladj.sum()
+        loss.backward()
+        store_params = {site["value"].unconstrained() for site in tape.trace.nodes.values()}
+        assert {id(p) for p in store_params} == {id(p) for p in params.values()}
+        optim(store_params)
+        pyro.infer.util.zero_grads(store_params)
+    for n, p in params.items():
+        assert pyro.param(f"flow$$${n}").unconstrained() is p, n
+        assert p.dtype == dtype, n
+        if id(p) not in _dead_parameters(layer):
+            assert not torch.equal(p.detach(), before[n].to(dtype)), f"{n} did not train"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_traces_with_torch_jit(name):
+    # JitTrace_ELBO traces the guide: the forward pass must not leave the graph (no Python
+    # float or bool of a tensor), and the trace must follow later parameter values.
+    layer = CASES[name].build()
+    _perturb(layer)
+    x, context = _inputs(layer, (5,))
+    args = (x,) if context is None else (x, context)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch.jit.trace.* is deprecated", DeprecationWarning)
+        traced = torch.jit.trace(layer, args, check_trace=False)
+    _perturb(layer)
+    x, context = _inputs(layer, (5,))
+    args = (x,) if context is None else (x, context)
+    for a, b in zip(traced(*args), layer(*args), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
