@@ -36,7 +36,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.nn import PyroParam
 from torch import Tensor
 from torch.distributions import constraints
@@ -51,6 +51,12 @@ from .flows.radial import Radial
 from .flows.sylvester import Sylvester
 
 FlowSpec = Flow | Callable[[int], Flow]
+
+
+def _shape_key(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of the tensor arguments of a call (what a change of data size changes)."""
+    items = [(i, value) for i, value in enumerate(args)] + sorted(kwargs.items())
+    return tuple((key, tuple(value.shape)) for key, value in items if torch.is_tensor(value))
 
 
 def _is_subsampled(frame: object) -> bool:
@@ -179,6 +185,8 @@ class AutoFlowGuide(AutoContinuous):
         # then conditioned. The start's log-joint evaluations use the model as given, in a
         # tuple so that a PyroModule model is not registered as a submodule twice.
         self._given_model = (model,)
+        self._init_loc_fn = init_loc_fn
+        self._validated_shapes: set[tuple] = set()
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # ----------------------------------------------------------------------------------------
@@ -216,8 +224,9 @@ class AutoFlowGuide(AutoContinuous):
                 raise ValueError(
                     f"{name}: latent site '{site_name}' is discrete "
                     f"({type(site['fn']).__name__}); flow guides cover continuous latents only. "
-                    "Enumerate it out (config_enumerate + TraceEnum_ELBO) or guide it "
-                    "separately inside an AutoGuideList."
+                    "Enumerate it out (config_enumerate + TraceEnum_ELBO, see "
+                    "https://pyro.ai/examples/enumeration.html) or guide it separately inside "
+                    "an AutoGuideList."
                 )
             for frame in site["cond_indep_stack"]:
                 if _is_subsampled(frame):
@@ -240,8 +249,12 @@ class AutoFlowGuide(AutoContinuous):
         self._check_sites()
         init_loc = self._init_loc().detach()
         layers = self._build_flows(self.latent_dim)
-        start = self._initial_gaussian(init_loc, *args, **kwargs)
+        # The start needs gradients (L-BFGS, Hessians) even when the guide is first called
+        # under torch.no_grad(), as median() and fit's resume do: the same guide either way.
+        with torch.enable_grad():
+            start = self._initial_gaussian(init_loc, *args, **kwargs)
         self.init_choice, loc, scale = start
+        self._validated_shapes = {_shape_key(args, kwargs)}
         if self.init_choice == "full":
             # Learned layers work in the coordinates whitened by the Laplace covariance at the
             # mode: z = mode + L (mu + sigma * f(eps)), mu = 0 and sigma = 1 at first.
@@ -284,7 +297,10 @@ class AutoFlowGuide(AutoContinuous):
             diag = ("diag", init_loc, self.curvature_scale(init_loc, *args, **kwargs))
             if choice == "diag":
                 return diag
-        mode, found = self.find_mode(init_loc, *args, **kwargs)
+        if self._pins_location():  # the user's init_to_value values are the start
+            mode, found = init_loc, True
+        else:
+            mode, found = self.find_mode(init_loc, *args, **kwargs)
         if choice == "auto" and not found:  # no mode, no Laplace approximation: it would mislead
             return diag
         tril, is_max = self._laplace_tril(mode, *args, **kwargs)
@@ -296,6 +312,15 @@ class AutoFlowGuide(AutoContinuous):
         diag_elbo = self._gaussian_elbo(diag[1], torch.diag(diag[2]), *args, **kwargs)
         full_elbo = self._gaussian_elbo(full[1], full[2], *args, **kwargs)
         return full if full_elbo > diag_elbo else diag
+
+    def _pins_location(self) -> bool:
+        """Whether ``init_loc_fn`` is Pyro's ``init_to_value`` with a value for a latent site:
+        then the start stays centred there (no mode search)."""
+        fn = self._init_loc_fn
+        if getattr(fn, "func", None) is not init_to_value:
+            return False
+        values = fn.keywords.get("values") or {}
+        return any(name in values for name, _ in self.prototype_trace.iter_stochastic_nodes())
 
     def _subsampled_log_joint(self) -> bool:
         """Whether any site of the model sits in a subsampled plate (a noisy log joint)."""
@@ -452,6 +477,67 @@ class AutoFlowGuide(AutoContinuous):
         return tril, is_max
 
     # ----------------------------------------------------------------------------------------
+    # the saved state and the data the guide was built for
+
+    def get_extra_state(self) -> dict[str, object]:
+        """The non-tensor part of :meth:`state_dict`: the start the flow was built from."""
+        return {"init_choice": self.init_choice}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        """Refuse a state saved from a guide whose flow was built from another start.
+
+        ``init_scale="auto"`` picks the start from the model and data, and the Laplace start
+        adds a fixed preconditioner to the flow: loading such a state into a guide built
+        otherwise would silently mix two guides.
+        """
+        name = type(self).__name__
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{name}: call the guide once with the model's arguments (guide(*args)) before "
+                "load_state_dict; the flow's layers are only built then"
+            )
+        saved = state.get("init_choice") if isinstance(state, dict) else None
+        if saved != self.init_choice:
+            raise ValueError(
+                f"{name}: the state was saved from a guide built with start {saved!r}, but this "
+                f"guide was built with start {self.init_choice!r} (init_scale="
+                f"{self.init_scale!r}); build it with init_scale={saved!r} to load this state"
+            )
+
+    def _check_data_shapes(self, args: tuple, kwargs: dict) -> None:
+        """Refuse data whose plates around latent sites differ in size from the prototype's.
+
+        A global guide holds one latent slot per element of such a plate; data of another size
+        would broadcast against those slots silently. Only a change of the arguments' tensor
+        shapes triggers the check (one model run with the global RNG state preserved).
+        """
+        key = _shape_key(args, kwargs)
+        if key in self._validated_shapes:
+            return
+        sizes = {}
+        for _, site in self.prototype_trace.iter_stochastic_nodes():
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    sizes[frame.name] = frame.size
+        if sizes:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+            for site in trace.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                for frame in site["cond_indep_stack"]:
+                    expected = sizes.get(frame.name)
+                    if expected is not None and frame.size != expected:
+                        raise ValueError(
+                            f"{type(self).__name__}: plate '{frame.name}' holds latent sites and "
+                            f"had size {expected} when the guide was built, but has size "
+                            f"{frame.size} with these arguments. A global guide keeps one latent "
+                            "slot per plate element: build a new guide for this data, or guide "
+                            "the local latents with pyro_flowvi.AutoAmortizedFlowGuide."
+                        )
+        self._validated_shapes.add(key)
+
+    # ----------------------------------------------------------------------------------------
     # the posterior
 
     def get_posterior(self, *args: object, **kwargs: object) -> FlowDistribution:
@@ -478,6 +564,7 @@ class AutoFlowGuide(AutoContinuous):
         :math:`\\log q(z)`, so the ELBO never needs to invert the flow.
         """
         posterior = self.get_posterior(*args, **kwargs)
+        self._check_data_shapes(args, kwargs)
         z, log_q = posterior.rsample_and_log_prob(plate_batch_shape())
         return pyro.sample(
             f"_{self._pyro_name}_latent",
