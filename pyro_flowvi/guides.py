@@ -520,8 +520,11 @@ class AutoFlowGuide(AutoContinuous):
                 if frame.vectorized:
                     sizes[frame.name] = frame.size
         if sizes:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+            tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+            devices = sorted({v.device.index or 0 for v in tensors if v.device.type == "cuda"})
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                model = self._given_model[0]
+                trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
             for site in trace.nodes.values():
                 if site["type"] != "sample":
                     continue
