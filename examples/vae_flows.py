@@ -5,7 +5,7 @@ A VAE with a Bernoulli decoder :math:`p_\theta(x \mid z)` and a standard normal 
 a diagonal Gaussian (Kingma & Welling, 2014) or the Gaussian pushed through ``K`` conditional
 planar, radial, Householder, IAF or Sylvester layers whose parameters come from the encoder's
 output (van den Berg et al., 2018), all built by :class:`pyro_flowvi.amortized.FlowEncoder`.
-The guide is one line, ``pyro.sample("z", encoder(x))``.
+The guide is one line, ``encoder.sample("z", x)`` (the draw and its exact log q, one pass).
 
 On the held-out digits it reports the test :math:`-\mathrm{ELBO}` and an importance-sampled
 :math:`-\log p(x) \approx -\log \frac1S \sum_s p(x, z_s) / q(z_s \mid x)` with ``--is-samples``
@@ -98,7 +98,7 @@ class VAE:
     def guide(self, x: torch.Tensor) -> None:
         pyro.module(f"{self.name}_encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.encoder(x))  # the draw and its exact log q, one pass
+            self.encoder.sample("z", x)  # the draw and its exact log q, one pass
 
     @torch.no_grad()
     def log_weights(self, x: torch.Tensor, num_samples: int, chunk: int = 100) -> torch.Tensor:

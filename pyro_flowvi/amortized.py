@@ -40,7 +40,6 @@ from __future__ import annotations
 
 __all__ = [
     "FLOW_FAMILIES",
-    "AmortizedFlowDistribution",
     "AutoAmortizedFlowGuide",
     "FlowEncoder",
     "conditional_flows",
@@ -80,6 +79,10 @@ FLOW_FAMILIES: tuple[str | None, ...] = (
     "sylvester-householder",
     "sylvester-triangular",
 )
+
+
+# median() / quantiles(): draws x rows x latent size held at once
+_SUMMARY_ELEMENTS = 2**24
 
 
 def _check_positive_int(site: str, name: str, value: object) -> int:
@@ -149,106 +152,6 @@ def conditional_flows(
     return layers
 
 
-class AmortizedFlowDistribution(FlowDistribution):
-    r"""A :class:`~pyro_flowvi.distributions.FlowDistribution` that can score its own draws.
-
-    :meth:`rsample_and_log_prob` returns the draw and :math:`\log q` from one forward pass and
-    is what guides should call. So that ``pyro.sample("z", encoder(x))`` is also correct under
-    every Pyro ELBO (which calls ``fn.log_prob(value)`` on the value ``fn`` produced), the
-    distribution keeps its latest draw with the :math:`\log q` of that same pass, and
-    :meth:`log_prob` returns it for a value equal to that draw (same shape, same
-    ``requires_grad``, same entries). The match is on values, not on tensor identity, so the
-    reshaped draws of Pyro's ``ExpandedDistribution`` (vectorized particles) are scored too.
-    Any other value is scored through the inverse of the stack (every built-in family has one;
-    a stack with a layer that has none raises).
-
-    The returned :math:`\log q` of a draw carries the reparameterized (pathwise) gradient, the
-    one the ELBO estimators differentiate. A detached copy of a draw does not match (its
-    ``requires_grad`` differs) and goes through the inverse, whose gradient is that of the
-    density at a fixed point.
-
-    Arguments:
-        base: ``dist.Normal(0, 1)`` with event shape ``(D,)``.
-        flow: a conditional :class:`~pyro_flowvi.flows.Compose` whose first layer is the
-            encoder's :class:`~pyro_flowvi.flows.ElementwiseAffine`.
-        context: the encoder output, shape ``batch_shape + (context_dim,)``.
-
-    Example:
-        >>> q = encoder(x)                        # batch (B,), event (latent_dim,)
-        >>> z, log_q = q.rsample_and_log_prob()   # one pass
-        >>> q.log_prob(z)                         # the same log_q, without a second pass
-    """
-
-    def __init__(
-        self,
-        base: dist.TorchDistribution,
-        flow: Flow,
-        context: Tensor | None = None,
-        validate_args: bool | None = None,
-    ) -> None:
-        super().__init__(base, flow, context, validate_args=validate_args)
-        self._draw: tuple[Tensor, Tensor] | None = None
-
-    def rsample_and_log_prob(
-        self, sample_shape: torch.Size | tuple[int, ...] = ()
-    ) -> tuple[Tensor, Tensor]:
-        """Reparameterized draws and their exact log-density from one forward pass.
-
-        Returns:
-            ``(z, log_q)`` of shapes ``sample_shape + batch_shape + (D,)`` and
-            ``sample_shape + batch_shape``.
-        """
-        z, log_q = super().rsample_and_log_prob(sample_shape)
-        self._draw = (z, log_q)
-        return z, log_q
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        return self.rsample_and_log_prob(sample_shape)[0]
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        with torch.no_grad():
-            return self.rsample(sample_shape)
-
-    def _matches_draw(self, value: Tensor) -> bool:
-        if self._draw is None:
-            return False
-        z = self._draw[0]
-        return (
-            value.shape == z.shape
-            and value.requires_grad == z.requires_grad
-            and torch.equal(value, z)
-        )
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        """Log-density of the latest draw (from its own pass) or of any point (by inversion).
-
-        Raises:
-            ValueError: when ``value`` is not the latest draw and a layer of the stack has no
-                inverse (planar, radial, Sylvester).
-        """
-        if self._matches_draw(value):
-            return self._draw[1]
-        if not self.flow.has_inverse:
-            missing = sorted(
-                {type(layer).__name__ for layer in self.flow if not layer.has_inverse}
-            )
-            raise ValueError(
-                "AmortizedFlowDistribution.log_prob: the value of shape "
-                f"{tuple(value.shape)} is not this distribution's latest draw, and {missing} "
-                "layers have no inverse, so its density is unavailable. Score draws with "
-                "rsample_and_log_prob()."
-            )
-        return super().log_prob(value)
-
-    def expand(
-        self, batch_shape: torch.Size, _instance: AmortizedFlowDistribution | None = None
-    ) -> AmortizedFlowDistribution:
-        new = self._get_checked_instance(AmortizedFlowDistribution, _instance)
-        super().expand(batch_shape, _instance=new)
-        new._draw = None
-        return new
-
-
 class FlowEncoder(nn.Module):
     r"""An encoder whose posterior family is a diagonal Gaussian pushed through a conditional flow.
 
@@ -272,25 +175,29 @@ class FlowEncoder(nn.Module):
         flow_options: keyword arguments for every flow layer (e.g. ``{"hidden_dims": [64]}``
             for IAF, ``{"num_ortho_vectors": 8}`` for orthogonal Sylvester).
 
-    Calling the encoder on ``x`` of shape ``batch_shape + (input_dim,)`` returns an
-    :class:`AmortizedFlowDistribution` with that batch shape and event shape ``(latent_dim,)``.
-    In a VAE guide, either pattern gives the exact :math:`\log q(z \mid x)` to the ELBO:
+    Calling the encoder on ``x`` of shape ``batch_shape + (input_dim,)`` returns a
+    :class:`~pyro_flowvi.distributions.FlowDistribution` with that batch shape and event shape
+    ``(latent_dim,)``: :meth:`~pyro_flowvi.distributions.FlowDistribution.rsample_and_log_prob`
+    gives draws with their exact :math:`\log q(z \mid x)` from one forward pass, and
+    ``log_prob`` scores any point through the inverse of the stack (nothing is cached). In a
+    VAE guide, :meth:`sample` is the one-pass way to put the draw and its :math:`\log q` on a
+    Pyro site:
 
     .. code-block:: python
 
         def guide(x):
             pyro.module("encoder", encoder)
             with pyro.plate("data", x.shape[0]):
-                pyro.sample("z", encoder(x))
+                encoder.sample("z", x)        # one pass; vectorized particles too
 
-        def guide(x):  # explicit: the sample and log q of one pass, never a lookup
+        def guide(x):  # also exact, with every Pyro ELBO: log q through the inverse
             pyro.module("encoder", encoder)
             with pyro.plate("data", x.shape[0]):
-                z, log_q = encoder(x).rsample_and_log_prob()
-                pyro.sample("z", dist.Delta(z, log_density=log_q, event_dim=1))
+                pyro.sample("z", encoder(x))
 
-    The second one needs neither the draw record nor the inverse of
-    :class:`AmortizedFlowDistribution`, so it also suits custom layers without an inverse.
+    The second pattern runs the stack forward to draw and backward to score (for planar,
+    radial and Sylvester layers a numerical inverse), so it costs more, and a layer without an
+    inverse cannot use it.
 
     Example:
         >>> encoder = FlowEncoder(64, 8, hidden_dims=(128,), flow="sylvester-orthogonal")
@@ -353,12 +260,36 @@ class FlowEncoder(nn.Module):
             )
         return self.net(x)
 
-    def forward(self, x: Tensor) -> AmortizedFlowDistribution:
+    def forward(self, x: Tensor) -> FlowDistribution:
         """The posterior family at ``x``: batch shape ``x.shape[:-1]``, event ``(latent_dim,)``."""
         h = self.context(x)
         zeros = h.new_zeros(self.latent_dim)
         base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
-        return AmortizedFlowDistribution(base, self.flow, h)
+        return FlowDistribution(base, self.flow, h)
+
+    def sample(self, name: str, x: Tensor) -> Tensor:
+        r"""``pyro.sample`` site ``name`` from :math:`q(z \mid x)`, draw and :math:`\log q` from
+        one forward pass.
+
+        The site is a ``Delta`` at the draw whose ``log_density`` is its exact
+        :math:`\log q(z \mid x)`, so no ELBO needs the inverse of the stack. Inside vectorized
+        plates beyond the batch of ``x`` (the particles of
+        ``Trace_ELBO(vectorize_particles=True)``, ``Predictive``), each plate element gets its
+        own draw.
+
+        Arguments:
+            name: the site name (the model's latent site).
+            x: data of shape ``batch_shape + (input_dim,)``, inside the plate(s) of
+                ``batch_shape``.
+
+        Returns:
+            The draw, of shape ``outer_plates + batch_shape + (latent_dim,)``.
+        """
+        q = self(x)
+        active = plate_batch_shape()
+        outer = active[: max(len(active) - len(q.batch_shape), 0)]
+        z, log_q = q.rsample_and_log_prob(outer)
+        return pyro.sample(name, dist.Delta(z, log_density=log_q, event_dim=1))
 
     def extra_repr(self) -> str:
         return (
@@ -417,6 +348,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         init_scale: initial scale of the Gaussian (> 0), default 0.1 as in ``AutoNormal``.
         create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`; needed when the model
             passes its own ``subsample`` indices or its plate size changes between calls.
+        summary_samples: draws per data row behind :meth:`median` and :meth:`quantiles`.
 
     Raises:
         ValueError: at the first call, naming the plate or site, when the plate holds no
@@ -437,6 +369,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
+        summary_samples: int = 1000,
     ) -> None:
         site = type(self).__name__
         if not isinstance(plate, str):
@@ -447,6 +380,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
         if data_fn is not None and not callable(data_fn):
             raise ValueError(f"{site}: data_fn must be callable, got {data_fn!r}")
+        self.summary_samples = _check_positive_int(site, "summary_samples", summary_samples)
         self.plate = plate
         self.data_fn = data_fn if data_fn is not None else _first_arg
         self.family = flow
@@ -602,7 +536,62 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 )
         return result
 
-    def encode(self, x: Tensor) -> AmortizedFlowDistribution:
+    @torch.no_grad()
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """Posterior quantiles of each local site, row by row of ``data_fn(*args, **kwargs)``.
+
+        From ``summary_samples`` draws of the encoder's flow at each row (a fixed seed, so
+        repeated calls agree): the empirical quantiles of each unconstrained coordinate, mapped
+        to the site's support, as :meth:`pyro_flowvi.AutoFlowGuide.quantiles` does. Pass the
+        full data to get every element of the plate (as ``AutoNormal`` does for a subsampled
+        plate); a mini-batch gives its rows only.
+
+        Returns:
+            A dict from site name to a tensor of shape ``(len(quantiles), rows, ...)``: the
+            site's shape with the plate dimension holding the rows.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        data = self.data_fn(*args, **kwargs)
+        if not isinstance(data, Tensor) or data.dim() < 1:
+            raise ValueError(
+                f"{type(self).__name__}: data_fn must return a tensor with one row per element "
+                f"of plate '{self.plate}', got {type(data).__name__}"
+            )
+        x = data.reshape(data.shape[0], -1)
+        dtype = next(self.encoder.parameters()).dtype
+        q = torch.as_tensor(quantiles, dtype=dtype, device=x.device)
+        if q.dim() != 1 or not bool(torch.all((q >= 0) & (q <= 1))):
+            raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
+        # bounded memory: summary_samples x rows x latent per chunk of rows
+        size = self.encoder.latent_dim
+        chunk = max(1, _SUMMARY_ELEMENTS // (self.summary_samples * size))
+        parts = []
+        device = x.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for start in range(0, x.shape[0], chunk):
+                u = self.encode(x[start : start + chunk]).sample((self.summary_samples,))
+                parts.append(torch.quantile(u, q, dim=0))
+        values = torch.cat(parts, dim=1)  # (Q, rows, latent)
+        shape = torch.Size([len(q), x.shape[0]] + [1] * (-self._frame.dim - 1))
+        result = {}
+        offset = 0
+        for site_name, u_event, _, site_size in self._sites:
+            unconstrained = values[..., offset : offset + site_size].reshape(shape + u_event)
+            offset += site_size
+            support = self.prototype_trace.nodes[site_name]["fn"].support
+            result[site_name] = biject_to(support)(unconstrained)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Posterior median of each local site, row by row (see :meth:`quantiles`)."""
+        return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+    def encode(self, x: Tensor) -> FlowDistribution:
         """The guide's distribution of the packed unconstrained locals at data rows ``x``.
 
         Raises:

@@ -15,13 +15,14 @@ from pyro.optim import Adam, ClippedAdam
 from torch import nn
 from torch.autograd.functional import jacobian
 
+from pyro_flowvi import AutoIAFGuide
 from pyro_flowvi.amortized import (
     FLOW_FAMILIES,
-    AmortizedFlowDistribution,
     AutoAmortizedFlowGuide,
     FlowEncoder,
     conditional_flows,
 )
+from pyro_flowvi.distributions import FlowDistribution
 from pyro_flowvi.flows import Compose, ElementwiseAffine, Flow
 
 FAMILIES = list(FLOW_FAMILIES)
@@ -65,7 +66,7 @@ def test_shapes_for_batched_contexts(family):
     z, log_q = q.rsample_and_log_prob((7,))
     assert z.shape == (7, 2, 5, 3) and log_q.shape == (7, 2, 5)
     assert torch.isfinite(log_q).all()
-    assert torch.equal(q.log_prob(z), log_q)  # the draw is scored from its own pass
+    torch.testing.assert_close(q.log_prob(z), log_q)  # the inverse scores the draw exactly
     assert encoder(torch.randn(4)).batch_shape == ()
 
 
@@ -174,26 +175,69 @@ class _NoInverse(Flow):
         return x + torch.tanh(self.head(context)), x.new_zeros(x.shape[:-1])
 
 
-def test_non_invertible_stack_scores_its_draw_and_rejects_other_points():
+def test_non_invertible_stack_samples_through_delta_and_rejects_log_prob():
     flow = Compose([ElementwiseAffine(2, context_dim=3), _NoInverse(2, 3)])
     context = torch.randn(4, 3)
     base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
-    q = AmortizedFlowDistribution(base, flow, context)
+    q = FlowDistribution(base, flow, context)
     z, log_q = q.rsample_and_log_prob()
-    assert q.log_prob(z) is log_q
-    with pytest.raises(ValueError, match="_NoInverse"):
-        q.log_prob(z.detach() + 1.0)
-    with pytest.raises(ValueError, match="_NoInverse"):
-        q.log_prob(z.detach())  # a detached copy has another gradient, so it is not the draw
+    with pytest.raises(NotImplementedError, match="_NoInverse"):
+        q.log_prob(z)  # no record of past draws: any point needs the inverse
 
     def guide():
         with pyro.plate("data", 4):
-            pyro.sample("z", AmortizedFlowDistribution(base, flow, context))
+            z, log_q = FlowDistribution(base, flow, context).rsample_and_log_prob()
+            pyro.sample("z", dist.Delta(z, log_density=log_q, event_dim=1))
 
     trace = poutine.trace(guide).get_trace()
     trace.compute_log_prob()
     site = trace.nodes["z"]
     assert torch.isfinite(site["log_prob"]).all() and site["log_prob"].shape == (4,)
+
+
+@pytest.mark.parametrize("family", ["iaf", "sylvester-orthogonal", "planar"])
+def test_log_prob_depends_on_the_point_only(family):
+    # No record of the last draw: after a parameter update the same point scores the same
+    # whatever its requires_grad, and a fresh tensor of equal values gets a gradient.
+    encoder = FlowEncoder(3, 2, hidden_dims=(5,), flow=family, num_transforms=2)
+    _randomize(encoder)
+    x = torch.randn(4, 3)
+    q = encoder(x)
+    z, log_q = q.rsample_and_log_prob()
+    torch.testing.assert_close(q.log_prob(z), log_q)
+    with torch.no_grad():
+        for p in encoder.flow.parameters():
+            p.add_(0.05)
+    # the same distribution object (its context is fixed; its flow's parameters moved)
+    attached, detached = q.log_prob(z), q.log_prob(z.detach())
+    torch.testing.assert_close(attached, detached)
+    assert not torch.allclose(attached, log_q)
+    fresh = z.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(q.log_prob(fresh).sum(), fresh)
+    assert bool((grad != 0).any())
+
+
+@pytest.mark.parametrize("family", [None, "iaf", "radial"])
+def test_encoder_sample_is_one_pass_and_draws_per_particle(family):
+    model, _, _, encoder = _vae_pieces(family)
+    x = torch.randn(6, 4)
+    draws = []
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            draws.append(encoder.sample("z", x))
+
+    trace = poutine.trace(guide).get_trace(x)
+    trace.compute_log_prob()
+    z = draws[-1].detach()
+    expected = FlowDistribution(
+        dist.Normal(torch.zeros(2), 1.0).to_event(1), encoder.flow, encoder.context(x)
+    )
+    torch.testing.assert_close(trace.nodes["z"]["log_prob"], expected.log_prob(z))
+    elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
+    assert torch.isfinite(elbo.differentiable_loss(model, guide, x))
+    assert draws[-1].shape == (5, 6, 2)
+    assert not torch.allclose(draws[-1][0], draws[-1][1])
 
 
 def test_encoder_rejects_bad_arguments():
@@ -413,3 +457,29 @@ def test_predictive_with_the_amortized_guide():
     samples = Predictive(conjugate_model, guide=guide, num_samples=4)(x)
     assert samples["z"].shape == (4, BATCH, D)
     assert samples["mu"].shape == (4, 1, D)  # Predictive keeps the plate dim
+
+
+def test_autoguidelist_median_and_quantiles_with_the_amortized_guide():
+    x = _conjugate_data()
+    guide = AutoGuideList(conjugate_model)
+    guide.append(AutoIAFGuide(poutine.block(conjugate_model, hide=["z"]), init_scale=0.1))
+    guide.append(
+        AutoAmortizedFlowGuide(
+            poutine.block(conjugate_model, expose=["z"]), plate="data", hidden_dims=(8,)
+        )
+    )
+    svi = SVI(conjugate_model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    median = guide.median(x)
+    assert set(median) == {"mu", "z"}
+    assert median["z"].shape == (N, D)  # every row of the full data, as AutoNormal's
+    quantiles = guide.quantiles([0.1, 0.5, 0.9], x)
+    assert quantiles["z"].shape == (3, N, D)
+    assert bool((quantiles["z"][0] < quantiles["z"][2]).all())
+    torch.testing.assert_close(quantiles["z"][1], median["z"])
+    # the amortized median is the encoder's, row by row (Monte Carlo over the flow)
+    u = guide[1].encode(x).sample((4000,))
+    torch.testing.assert_close(median["z"], u.median(0).values, atol=0.1, rtol=0)
+    with pytest.raises(ValueError, match="quantiles must be"):
+        guide[1].quantiles([1.5], x)

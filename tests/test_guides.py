@@ -5,13 +5,23 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Predictive,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_median, init_to_value
 
 from pyro_flowvi import (
@@ -24,6 +34,7 @@ from pyro_flowvi import (
 )
 from pyro_flowvi.diagnostics import to_arviz, vi_diagnostics
 from pyro_flowvi.flows import IAF, Planar, Reverse
+from pyro_flowvi.guides.initialization import find_mode
 
 GUIDES = {
     "planar": functools.partial(AutoPlanarGuide, num_transforms=4),
@@ -386,7 +397,7 @@ def test_auto_init_keeps_diag_where_the_mode_is_unrepresentative():
     )
     guide()
     assert guide.init_choice == "diag"
-    mode, found = guide.find_mode(torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0]))
+    mode, found = find_mode(guide._log_density(), torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0]))
     assert found
     torch.testing.assert_close(mode, torch.tensor([-18.0, 0, 0, 0, 0]), atol=1e-4, rtol=0)
 
@@ -530,3 +541,185 @@ def test_discrete_latent_is_an_error():
 
     with pytest.raises(ValueError, match="'k_switch' is discrete"):
         AutoPlanarGuide(model)()
+
+
+def test_discrete_latent_error_links_the_enumeration_tutorial():
+    def model():
+        k = pyro.sample("k_switch", dist.Bernoulli(0.3))
+        pyro.sample("obs", dist.Normal(k, 1.0), obs=torch.tensor(0.5))
+
+    with pytest.raises(ValueError, match=r"https://pyro.ai/examples/enumeration.html"):
+        AutoIAFGuide(model)()
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing silent: the start, the saved state and the data a guide was built for
+
+
+@pytest.mark.parametrize("init_scale", ["auto", "full", "diag"])
+def test_start_does_not_depend_on_grad_mode(init_scale):
+    # fit's resume and median() before fitting build the guide under torch.no_grad(), where
+    # L-BFGS and the Hessian cannot run: the start must be the same guide all the same.
+    x, y = _regression_data()
+    states = []
+    for grad in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoIAFGuide(regression_model, init_scale=init_scale)
+        with torch.set_grad_enabled(grad):
+            guide(x, y)
+        states.append((guide.init_choice, guide.state_dict()))
+    (choice, state), (choice_no_grad, state_no_grad) = states
+    assert choice == choice_no_grad
+    if init_scale != "diag":
+        assert choice == "full"  # the correlated regression posterior: the Laplace start
+    assert state.keys() == state_no_grad.keys()
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(value, state_no_grad[key], rtol=0, atol=0, msg=key)
+
+
+def test_median_before_fitting_then_load_state_dict():
+    x, y = _regression_data()
+    trained = AutoIAFGuide(regression_model)
+    _train(trained, regression_model, x, y, steps=30)
+    state = trained.state_dict()
+    expected = trained.median(x, y)["w"]
+    pyro.clear_param_store()
+    fresh = AutoIAFGuide(regression_model)
+    fresh.median(x, y)  # builds the guide under no_grad
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.median(x, y)["w"], expected)
+
+
+def test_load_state_dict_refuses_a_guide_with_another_start():
+    x, y = _regression_data()
+    full = AutoIAFGuide(regression_model, init_scale="full")
+    full(x, y)
+    state = full.state_dict()
+    pyro.clear_param_store()
+    diag = AutoIAFGuide(regression_model, init_scale="diag")
+    diag(x, y)
+    with pytest.raises(ValueError, match="AutoIAFGuide.*start 'full'.*this guide.*'diag'"):
+        diag.load_state_dict(state)
+    pyro.clear_param_store()
+    unbuilt = AutoIAFGuide(regression_model, init_scale="full")
+    with pytest.raises(RuntimeError, match="AutoIAFGuide.*call the guide once"):
+        unbuilt.load_state_dict(state)
+
+
+def test_init_to_value_is_the_start_whatever_init_scale():
+    # An explicit init_to_value pins the starting location: "auto" and "full" take the
+    # curvature at that point instead of moving the start to the mode.
+    init = torch.tensor([3.0, -2.0, 0.5])
+    x, y = _regression_data()
+    for init_scale in ("auto", "full", "diag"):
+        pyro.clear_param_store()
+        guide = AutoIAFGuide(
+            regression_model, init_loc_fn=init_to_value(values={"w": init}), init_scale=init_scale
+        )
+        guide(x, y)
+        torch.testing.assert_close(guide.median(x, y)["w"], init, atol=0.05, rtol=0)
+    # the curvature of a Gaussian log joint is the same everywhere: the exact covariance
+    _, _, precision = _exact(x, y)
+    assert guide.init_choice == "diag"
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(regression_model, init_loc_fn=init_to_value(values={"w": init}))
+    guide(x, y)
+    assert guide.init_choice == "full"
+    tril = guide.flow.layers[-1].scale_tril
+    torch.testing.assert_close(tril @ tril.T, torch.linalg.inv(precision))
+    torch.testing.assert_close(guide.flow.layers[-1].loc, init)
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_every_parameter_trains_and_the_store_holds_the_module_tensors(name):
+    x, y = _regression_data()
+    guide = GUIDES[name](regression_model)
+    guide(x, y)
+    before = {key: p.detach().clone() for key, p in guide.named_parameters()}
+    assert before, name
+
+    def check_store_identity() -> None:
+        own = list(guide.parameters())
+        stored = [p for _, p in pyro.get_param_store().named_parameters()]
+        assert len(stored) == len(own)
+        for p in stored:
+            assert any(p is q for q in own), name
+
+    check_store_identity()
+    svi = SVI(regression_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x, y)
+    check_store_identity()
+    unchanged = [key for key, p in guide.named_parameters() if torch.equal(p, before[key])]
+    assert not unchanged, (name, unchanged)
+    guide.to(torch.float32)
+    x32, y32 = x.float(), y.float()
+    before = {key: p.detach().clone() for key, p in guide.named_parameters()}
+    svi = SVI(regression_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x32, y32)
+    check_store_identity()
+    unchanged = [key for key, p in guide.named_parameters() if torch.equal(p, before[key])]
+    assert not unchanged, (name, unchanged)
+
+
+ELBOS = {
+    "trace": lambda: Trace_ELBO(),
+    "trace-mean-field": lambda: TraceMeanField_ELBO(),
+    "jit-trace": lambda: JitTrace_ELBO(),
+    "jit-trace-mean-field": lambda: JitTraceMeanField_ELBO(),
+    "trace-graph": lambda: TraceGraph_ELBO(),
+    "renyi": lambda: RenyiELBO(alpha=0.5, num_particles=2),
+}
+
+
+@pytest.mark.parametrize("elbo", list(ELBOS))
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_every_guide_with_every_elbo(name, elbo):
+    x, y = _regression_data()
+    guide = GUIDES[name](regression_model, init_scale=0.1)
+    svi = SVI(regression_model, guide, pyro.optim.Adam({"lr": 0.01}), ELBOS[elbo]())
+    with warnings.catch_warnings():
+        # the JIT's tracer warnings are about Python control flow in Pyro's code too, and
+        # torch 2.13 deprecates torch.jit.trace itself (Pyro's JitTrace_ELBO calls it)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
+        losses = [svi.step(x, y) for _ in range(3)]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert -max(losses) > _exact(x, y)[0] - 50  # a finite ELBO near log Z, not garbage
+
+
+def _local_model(data: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z_local", dist.Normal(loc, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+
+def test_data_of_another_size_is_refused_when_it_has_local_latents():
+    guide = AutoIAFGuide(_local_model)
+    guide(torch.randn(10))
+    guide(torch.randn(10))  # same size: fine
+    with pytest.raises(ValueError, match="AutoIAFGuide.*plate 'data'.*size 10.*size 1"):
+        guide(torch.randn(1))
+    with pytest.raises(ValueError, match="plate 'data'"):
+        SVI(_local_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(torch.randn(3))
+
+
+def test_data_of_another_size_is_fine_with_global_latents_only():
+    x, y = _regression_data()
+    guide = AutoIAFGuide(regression_model)
+    _train(guide, regression_model, x, y, steps=5)
+    x_new = torch.randn(4, 3)
+    state = torch.get_rng_state()
+    draws = Predictive(regression_model, guide=guide, num_samples=7)(x_new)
+    assert draws["y"].shape == (7, 4)
+    # the size check runs the model once for new shapes, without using the global RNG
+    x_other = torch.randn(6, 3)
+    torch.set_rng_state(state)
+    same_shapes = guide(x, y)["w"]
+    torch.set_rng_state(state)
+    new_shapes = guide(x_other)["w"]
+    torch.testing.assert_close(same_shapes, new_shapes, rtol=0, atol=0)

@@ -1,4 +1,7 @@
-"""Flow layers: each maps ``x`` to ``(y, log|det dy/dx|)`` in one pass (see :class:`Flow`)."""
+"""Flow layers: each maps ``x`` to ``(y, log|det dy/dx|)`` in one pass (see :class:`Flow`).
+
+:data:`FLOWS` lists the registered families; :func:`build_flows` builds a family's stack.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,17 @@ from .iaf import IAF
 from .made import MADE, MaskedLinear
 from .planar import Planar
 from .radial import Radial
+from .registry import FLOWS, FlowFamily, build_flows, register_flow
 from .sylvester import Sylvester
 
 __all__ = [
+    "FLOWS",
     "IAF",
     "MADE",
     "Compose",
     "ElementwiseAffine",
     "Flow",
+    "FlowFamily",
     "Householder",
     "MaskedCoupling",
     "MaskedLinear",
@@ -28,4 +34,6 @@ __all__ = [
     "Sylvester",
     "TriangularAffine",
     "alternating_mask",
+    "build_flows",
+    "register_flow",
 ]

@@ -51,8 +51,10 @@ class ElementwiseAffine(Flow):
         if not bool(torch.all(scale_t > 0)):
             raise ValueError(f"ElementwiseAffine: scale must be > 0, got {scale!r}")
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
-        loc_t = torch.broadcast_to(loc_t, (input_dim,)).clone()
-        raw = torch.broadcast_to(scale_t, (input_dim,)).clone()
+        # A fresh tensor with standard strides: broadcast_to(...).clone() keeps stride 0 for
+        # D = 1, which breaks the gradient layout contract of the parameter.
+        loc_t = torch.empty(input_dim, dtype=loc_t.dtype).copy_(loc_t.expand(input_dim))
+        raw = torch.empty(input_dim, dtype=scale_t.dtype).copy_(scale_t.expand(input_dim))
         raw = raw + torch.log(-torch.expm1(-raw))  # inverse softplus
         self.learn_loc = learn_loc
         if context_dim is None:

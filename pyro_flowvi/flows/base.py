@@ -95,7 +95,9 @@ class Flow(nn.Module):
                 f"{type(self).__name__} is conditional (context_dim={self.context_dim}) "
                 "and needs a context"
             )
-        elif context.shape[-1] != self.context_dim:
+        # While torch.jit.trace records, sizes are tensors (a comparison would leave the
+        # graph); a trace is recorded for fixed shapes anyway.
+        elif not torch.jit.is_tracing() and context.shape[-1] != self.context_dim:
             raise ValueError(
                 f"{type(self).__name__} expects a context of last dim {self.context_dim}, got "
                 f"shape {tuple(context.shape)}"

@@ -12,7 +12,7 @@ base it is a no-op in distribution, so use it after a learnable scale.
 
 from __future__ import annotations
 
-__all__ = ["Householder"]
+__all__ = ["Householder", "reflect_rows"]
 
 import torch
 from torch import Tensor, nn

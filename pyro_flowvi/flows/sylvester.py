@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._numerics import orthogonalize
 from .base import Flow, context_head
 from .householder import reflect_rows
 from .planar import _solve_tanh_equation
@@ -42,28 +43,6 @@ _VARIANTS = ("orthogonal", "householder", "triangular")
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _orthogonalize(matrix: Tensor, max_iter: int = 50) -> Tensor:
-    r"""Orthonormalise the columns of ``matrix`` (``(..., D, M)``, ``M <= D``).
-
-    Björck's iteration :math:`Q \leftarrow Q (I + (I - Q^\top Q) / 2)` after dividing by the
-    Frobenius norm (all singular values then lie in (0, 1], where the iteration converges). It
-    stops two steps after :math:`\|Q^\top Q - I\|_F` falls below the square root of the dtype's
-    epsilon (the convergence is quadratic, so that reaches rounding level), or at ``max_iter``.
-    """
-    q = matrix / torch.linalg.matrix_norm(matrix, keepdim=True)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    threshold = math.sqrt(torch.finfo(q.dtype).eps)
-    polished = 0
-    for _ in range(max_iter):
-        residual = q.mT @ q - eye
-        if float(torch.linalg.matrix_norm(residual.detach()).max()) <= threshold:
-            polished += 1
-            if polished > 2:
-                break
-        q = q - 0.5 * q @ residual
-    return q
 
 
 class Sylvester(Flow):
@@ -156,7 +135,9 @@ class Sylvester(Flow):
             inits["r_upper"] = torch.zeros(num_upper)
             inits["r_tilde_upper"] = torch.zeros(num_upper)
         if variant == "orthogonal":
-            inits["q_raw"] = torch.linalg.qr(torch.randn(input_dim, size)).Q
+            # QR's Q factor is column-major: without .contiguous() Pyro's param store would
+            # keep a contiguous copy and train it instead of this tensor.
+            inits["q_raw"] = torch.linalg.qr(torch.randn(input_dim, size)).Q.contiguous()
         elif variant == "householder":
             inits["q_vectors"] = torch.randn(num_householder, input_dim)
         self._shapes = {name: tuple(value.shape) for name, value in inits.items()}
@@ -204,7 +185,7 @@ class Sylvester(Flow):
         r = self._triangular(r_diag, raw.get("r_upper"))
         r_tilde = self._triangular(r_tilde_diag, raw.get("r_tilde_upper"))
         if self.variant == "orthogonal":
-            q = _orthogonalize(raw["q_raw"])
+            q = orthogonalize(raw["q_raw"])
         elif self.variant == "householder":
             eye = torch.eye(self.input_dim, dtype=r.dtype, device=r.device)
             # Row j of H_1 ... H_K is H_K ... H_1 e_j (each H_k is symmetric).
