@@ -32,20 +32,12 @@ __all__ = [
     "fit",
 ]
 
-import contextlib
-import difflib
-import inspect
 import logging
 import math
 import os
-import re
-import signal
-import sys
-import threading
 import time
-import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,42 +64,14 @@ from ._checkpoint import (
     write_checkpoint,
 )
 from ._divergence import DivergenceGuard, DivergenceRule, DivergenceWarning
+from ._fit_helpers import SigintGuard, check_call, closing, progress_bar
+from ._nonfinite import NonFiniteLossError, diagnose, grads_finite, step_context
 
 _LOG = logging.getLogger(__name__)
 
-# fit's own keywords, for suggestions when an unknown keyword reaches the model
-_FIT_KEYWORDS = (
-    "num_steps",
-    "optim",
-    "loss",
-    "lr",
-    "progress",
-    "checkpoint",
-    "checkpoint_every",
-    "divergence",
-)
-_LR_LIKE = re.compile(r"learn|rate|step_?size|^eta$|^alpha$", re.IGNORECASE)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient of :func:`fit` became NaN or infinite.
-
-    Attributes:
-        step: the 0-based step at which it happened (no update was applied at this step).
-        site: the name of the first parameter or sample site found non-finite, or ``None``.
-        kind: what ``site`` is: ``"parameter"``, ``"gradient"``, ``"guide site"``,
-            ``"model site"`` or ``None``.
-        loss: the loss value of the step.
-    """
-
-    def __init__(
-        self, message: str, *, step: int, site: str | None, kind: str | None, loss: float
-    ) -> None:
-        super().__init__(message)
-        self.step = step
-        self.site = site
-        self.kind = kind
-        self.loss = loss
+# defined in private modules, public here: tracebacks and pickles name this module
+for _public in (CheckpointError, DivergenceRule, DivergenceWarning, NonFiniteLossError):
+    _public.__module__ = __name__
 
 
 @dataclass
@@ -171,52 +135,6 @@ class FitResult:
         return text + ")"
 
 
-def _signature(fn: Callable) -> inspect.Signature | None:
-    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
-    try:
-        return inspect.signature(target)
-    except (TypeError, ValueError):  # builtins and some C callables have none
-        return None
-
-
-def _suggestion(word: str) -> str:
-    if _LR_LIKE.search(word):
-        return "; did you mean fit's lr=...?"
-    close = difflib.get_close_matches(word, _FIT_KEYWORDS, n=1, cutoff=0.75)
-    return f"; did you mean fit's {close[0]}=...?" if close else ""
-
-
-def _check_call(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> None:
-    """Raise ``TypeError`` before fitting if the model or guide cannot take these arguments."""
-    for role, fn in (("model", model), ("guide", guide)):
-        sig = _signature(fn)
-        if sig is None:
-            continue
-        name = getattr(fn, "__name__", type(fn).__name__)
-        params = sig.parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            named = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-            for word in kwargs:
-                if word not in named:
-                    raise TypeError(
-                        f"fit: unknown keyword argument {word}={kwargs[word]!r}: fit passes "
-                        f"keyword arguments it does not know to the model and the guide, and "
-                        f"the {role} {name}{sig} does not take {word!r}{_suggestion(word)}"
-                    )
-        try:
-            sig.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(
-                f"fit: the {role} {name}{sig} cannot be called with the {len(args)} positional "
-                f"and keyword arguments {sorted(kwargs)} given to fit: {error}"
-            ) from None
-
-
-def _step_context(guide: Callable) -> contextlib.AbstractContextManager:
-    make = getattr(guide, "step_context", None)
-    return make() if callable(make) else contextlib.nullcontext()
-
-
 def _loss_and_grads(loss: Any, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
     if hasattr(loss, "loss_and_grads"):
         return loss.loss_and_grads(model, guide, *args, **kwargs)
@@ -233,197 +151,6 @@ def _as_float(loss: Any) -> float:
     return float(loss)
 
 
-def _grads_finite(params: set[torch.Tensor]) -> bool:
-    sums = [p.grad.sum() for p in params if p.grad is not None]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
-
-
-def _first_nonfinite_site(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict
-) -> tuple[str, str, str] | None:
-    """Re-run guide then model; return ``(kind, name, what)`` of the first non-finite site."""
-    # validation would raise on the non-finite parameters this replay is meant to locate
-    with torch.no_grad(), _step_context(guide), pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    for kind, trace in (("guide site", guide_trace), ("model site", model_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic", False):
-                continue
-            value = site["value"]
-            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
-                return kind, name, "its value is not finite"
-            with pyro.validation_enabled(False):
-                log_prob = site["fn"].log_prob(value)
-            if not torch.isfinite(log_prob).all():
-                return kind, name, "its log-density is not finite"
-    return None
-
-
-def _diagnose(
-    step: int,
-    loss_value: float,
-    params: set[torch.Tensor],
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    rng_state: dict,
-) -> NonFiniteLossError | None:
-    """Find what made a step non-finite; ``None`` when a finite loss has finite gradients.
-
-    The gradient check before this call sums each gradient, which can overflow to infinity
-    for finite gradients; then nothing is found here and the step goes ahead.
-    """
-    store = pyro.get_param_store()
-    named = sorted((store.param_name(p), p) for p in params)
-    tail = "; no update was applied at this step, parameters keep their previous values"
-    for name, p in named:
-        if not torch.isfinite(p).all():
-            return NonFiniteLossError(
-                f"fit: parameter {name!r} is not finite at step {step} (loss {loss_value}){tail}",
-                step=step,
-                site=name,
-                kind="parameter",
-                loss=loss_value,
-            )
-    if math.isfinite(loss_value):
-        for name, p in named:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return NonFiniteLossError(
-                    f"fit: the gradient of parameter {name!r} is not finite at step {step} "
-                    f"(loss {loss_value}){tail}",
-                    step=step,
-                    site=name,
-                    kind="gradient",
-                    loss=loss_value,
-                )
-        return None
-    after = get_rng_state()
-    set_rng_state(rng_state)  # replay the draw that produced the bad loss
-    try:
-        found = _first_nonfinite_site(model, guide, args, kwargs)
-    finally:
-        set_rng_state(after)
-    if found is not None:
-        kind, name, what = found
-        return NonFiniteLossError(
-            f"fit: loss is {loss_value} at step {step}: first non-finite is {kind} {name!r}: "
-            f"{what}{tail}",
-            step=step,
-            site=name,
-            kind=kind,
-            loss=loss_value,
-        )
-    return NonFiniteLossError(
-        f"fit: loss is {loss_value} at step {step}; no parameter or sample site was found "
-        f"non-finite when the step was replayed{tail}",
-        step=step,
-        site=None,
-        kind=None,
-        loss=loss_value,
-    )
-
-
-class _SigintGuard:
-    """Defers SIGINT (Ctrl-C) inside :meth:`deferred` sections.
-
-    Installed only in the main thread (the only one that receives signals) and only over a
-    handler installed from Python, which it puts back on exit. Outside a section, a SIGINT
-    goes to that previous handler (normally raising ``KeyboardInterrupt`` at once).
-    """
-
-    def __init__(self) -> None:
-        self._previous: Any = None
-        self._installed = False
-        self._deferring = False
-        self._pending = False
-
-    def __enter__(self) -> _SigintGuard:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not None:
-                signal.signal(signal.SIGINT, self._handle)
-                self._previous, self._installed = previous, True
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
-
-    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        if self._deferring:
-            self._pending = True
-        else:
-            self._forward(signum, frame)
-
-    def _forward(self, signum: int, frame: types.FrameType | None) -> None:
-        if self._previous is signal.SIG_IGN:
-            return
-        if callable(self._previous):
-            self._previous(signum, frame)
-            return
-        raise KeyboardInterrupt  # SIG_DFL: the interpreter's own default is this exception
-
-    @contextlib.contextmanager
-    def deferred(self, *, reraise: bool = True) -> Iterator[types.SimpleNamespace]:
-        """Hold back SIGINT until the section ends; then deliver it (or just record it)."""
-        section = types.SimpleNamespace(interrupted=False)
-        if not self._installed:
-            yield section
-            return
-        self._deferring = True
-        try:
-            yield section
-        except BaseException:
-            self._deferring = self._pending = False
-            raise
-        self._deferring = False
-        if self._pending:
-            self._pending = False
-            section.interrupted = True
-            if reraise:
-                self._forward(signal.SIGINT, None)
-
-
-def _in_notebook() -> bool:
-    """Whether this runs in a Jupyter/IPython kernel (where stderr is not a terminal)."""
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return False
-    try:
-        shell = ipython.get_ipython()
-        return shell is not None and "IPKernelApp" in shell.config
-    except Exception:  # an IPython too old or too new to ask: behave as a plain process
-        return False
-
-
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled or not (sys.stderr.isatty() or _in_notebook()):
-        return None
-    try:
-        # tqdm.auto draws a notebook widget in a Jupyter kernel, text elsewhere
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _closing(bar: Any) -> Iterator[Any]:
-    try:
-        yield bar
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# the parameters, buffers and optimizer state of this fit ---------------------------------
-
-
 def _build(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
     """Run the guide and the model once, as a step would; return their parameter names.
 
@@ -434,7 +161,7 @@ def _build(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[
     rng = get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        with poutine.trace(param_only=True) as capture, _step_context(guide):
+        with poutine.trace(param_only=True) as capture, step_context(guide):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     finally:
@@ -660,7 +387,7 @@ def fit(
     ):
         raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
     rule = _divergence_rule(divergence)
-    _check_call(model, guide, args, kwargs)
+    check_call(model, guide, args, kwargs)
     if optim is None:
         optim = pyro.optim.Adam({"lr": 1e-2 if lr is None else float(lr)})
     if loss is None:
@@ -700,8 +427,8 @@ def fit(
 
     rng_state = None
     with (
-        _SigintGuard() as sigint,
-        _closing(_progress_bar(progress, num_steps, min(resumed_from, num_steps))) as bar,
+        SigintGuard() as sigint,
+        closing(progress_bar(progress, num_steps, min(resumed_from, num_steps))) as bar,
         warnings.catch_warnings(),
     ):
         # Pyro's "Encountered NaN: loss" would only precede the NonFiniteLossError below
@@ -709,11 +436,11 @@ def fit(
         try:
             for step in range(resumed_from, num_steps):
                 rng_state = get_rng_state()
-                with poutine.trace(param_only=True) as capture, _step_context(guide):
+                with poutine.trace(param_only=True) as capture, step_context(guide):
                     loss_value = _as_float(_loss_and_grads(loss, model, guide, args, kwargs))
                 params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-                if not (math.isfinite(loss_value) and _grads_finite(params)):
-                    error = _diagnose(
+                if not (math.isfinite(loss_value) and grads_finite(params)):
+                    error = diagnose(
                         step, loss_value, params, model, guide, args, kwargs, rng_state
                     )
                     if error is not None:
