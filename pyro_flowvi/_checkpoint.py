@@ -68,6 +68,25 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# nested entries, as dotted paths; the optimizer entry is checked when there is one
+_REQUIRED_NESTED: dict[str, type | tuple[type, ...]] = {
+    "rng.torch": torch.Tensor,
+    "rng.random.version": int,
+    "rng.random.keys": torch.Tensor,
+    "rng.random.gauss": (float, type(None)),
+    "rng.numpy.kind": str,
+    "rng.numpy.keys": torch.Tensor,
+    "rng.numpy.pos": int,
+    "rng.numpy.has_gauss": int,
+    "rng.numpy.gauss": float,
+    "optim.description.class": str,
+    "optim.description.args": dict,
+    "optim.states": dict,
+    "divergence.window_start": int,
+    "divergence.stopped": bool,
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that :func:`~pyro_flowvi.fit` cannot resume from.
 
@@ -420,6 +439,20 @@ def _refused_globals(path: Path, error: Exception) -> list[str]:
         return re.findall(r"GLOBAL ([\w.]+)", str(error))
 
 
+def _require(path: Path, state: dict[str, Any], dotted: str, kind: type | tuple) -> None:
+    value: Any = state
+    for part in dotted.split("."):
+        if value is None and dotted.startswith("optim."):
+            return  # an optimizer without state
+        if not isinstance(value, dict) or part not in value:
+            raise CheckpointError(path, f"is damaged: entry {dotted!r} is missing")
+        value = value[part]
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            path, f"is damaged: entry {dotted!r} is a {type(value).__name__}, not {kind}"
+        )
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and validate a checkpoint without running code from it.
 
@@ -473,8 +506,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"version {VERSION}",
         )
     for key, kind in _REQUIRED.items():
-        if not isinstance(state.get(key), kind):
-            raise CheckpointError(path, f"is damaged: entry {key!r} is missing or malformed")
+        _require(path, state, key, kind)
+    for key, kind in _REQUIRED_NESTED.items():
+        _require(path, state, key, kind)
+    for key in ("params", "model_buffers", "guide_buffers"):
+        for name, value in state[key].items():
+            if not torch.is_tensor(value):
+                raise CheckpointError(path, f"is damaged: {key} entry {name!r} is no tensor")
     if state["elbo_trace"].shape != (state["step"],):
         raise CheckpointError(path, "is damaged: its ELBO trace does not match its step count")
     return state

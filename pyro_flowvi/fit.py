@@ -400,6 +400,7 @@ def fit(
     saved = read_checkpoint(path) if path is not None and path.exists() else None
 
     names = _build(model, guide, args, kwargs)
+    known = set(names)
     guard = DivergenceGuard(rule)
     elbo: list[float] = []
     prior_time = 0.0
@@ -439,6 +440,10 @@ def fit(
                 with poutine.trace(param_only=True) as capture, step_context(guide):
                     loss_value = _as_float(_loss_and_grads(loss, model, guide, args, kwargs))
                 params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+                if not known.issuperset(capture.trace.nodes):
+                    # a parameter first created in a step (a branch the first run missed)
+                    names += [name for name in capture.trace.nodes if name not in known]
+                    known.update(names)
                 if not (math.isfinite(loss_value) and grads_finite(params)):
                     error = diagnose(
                         step, loss_value, params, model, guide, args, kwargs, rng_state

@@ -323,7 +323,7 @@ def test_checkpoint_holds_only_this_fits_parameters(data, tmp_path):
 
 
 def regression(x, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     with pyro.plate("n", x.shape[0]):
         pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
 
@@ -350,6 +350,33 @@ def test_resume_of_a_flow_guide_with_laplace_start_reproduces_the_fit(tmp_path):
     )
     np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
     for name, value in _params().items():
+        torch.testing.assert_close(value, full_params[name], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_checkpoint_resumes_bit_for_bit(tmp_path):
+    from pyro_flowvi import AutoIAFGuide
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=gen)
+    y = x @ torch.linspace(-1.0, 1.0, 5) + 0.5 * torch.randn(40, generator=gen)
+    x, y = x.cuda(), y.cuda()
+    pyro.set_rng_seed(2)
+    full = fit(regression, AutoIAFGuide(regression), x, y, num_steps=20, progress=False)
+    full_params = _params()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(2)
+    path = tmp_path / "fit.pt"
+    fit(regression, AutoIAFGuide(regression), x, y, num_steps=10, checkpoint=path, progress=False)
+    assert torch.load(path, weights_only=True)["cuda_rng"] is not None
+    pyro.clear_param_store()
+    pyro.set_rng_seed(99)
+    resumed = fit(
+        regression, AutoIAFGuide(regression), x, y, num_steps=20, checkpoint=path, progress=False
+    )
+    np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
+    for name, value in _params().items():
+        assert value.is_cuda
         torch.testing.assert_close(value, full_params[name], rtol=0, atol=0)
 
 
@@ -437,6 +464,26 @@ def test_resume_refuses_a_checkpoint_with_more_parameters(data, tmp_path):
     with pytest.raises(CheckpointError, match=r"do not have: \['AutoNormal.locs.tau'") as info:
         fit(model, AutoNormal(model), data, num_steps=6, checkpoint=path, progress=False)
     assert str(path) in str(info.value) and "AutoNormal.scales.tau" in str(info.value)
+
+
+def test_a_parameter_created_after_the_first_step_is_saved_and_not_silently_lost(data, tmp_path):
+    calls = {"n": 0}
+
+    def late_guide(y):
+        calls["n"] += 1
+        loc = pyro.param("loc", torch.tensor(0.0))
+        if calls["n"] > 5:  # from the fifth step on
+            loc = loc + pyro.param("late", torch.tensor(0.0))
+        pyro.sample("mu", dist.Normal(loc, 1.0))
+        pyro.sample("sigma", dist.LogNormal(0.0, 0.5))
+
+    path = tmp_path / "fit.pt"
+    fit(model, late_guide, data, num_steps=10, checkpoint=path, progress=False)
+    assert set(torch.load(path, weights_only=True)["params"]) == {"loc", "late"}
+    pyro.clear_param_store()
+    calls["n"] = 0
+    with pytest.raises(CheckpointError, match=r"do not have: \['late'\]"):
+        fit(model, late_guide, data, num_steps=20, checkpoint=path, progress=False)
 
 
 def test_resume_refuses_a_checkpoint_with_another_constraint(data, tmp_path):
@@ -885,6 +932,14 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(data, tmp_path
     assert not pyro.get_param_store().keys()  # refused before building anything
 
 
+def _without_numpy_rng(path, data):
+    fit(model, AutoNormal(model), data, num_steps=3, checkpoint=path, progress=False)
+    pyro.clear_param_store()
+    state = torch.load(path, weights_only=True)
+    del state["rng"]["numpy"]
+    torch.save(state, path)
+
+
 def _truncated(path, data):
     fit(model, AutoNormal(model), data, num_steps=3, checkpoint=path, progress=False)
     pyro.clear_param_store()
@@ -911,6 +966,7 @@ def _truncated(path, data):
             ),
             "is damaged: entry 'elbo_trace' is missing",
         ),
+        (_without_numpy_rng, "is damaged: entry 'rng.numpy.kind' is missing"),
         (
             # what pyro-flowvi 0.1 wrote: a pickle with constraint objects and numpy arrays
             lambda path, data: torch.save(
