@@ -14,9 +14,10 @@ largest :math:`m`; with :math:`b` its median and :math:`\sigma_b` its noise scal
 
 .. math::
 
-    m_t < b - (k\,\sigma_b + c)
+    m_t < b - \left(k \cdot 1.2533\,\sigma_b / \sqrt{W} + c\right)
 
-with :math:`k` = ``noise_multiple`` and :math:`c` = ``floor`` (nats).
+with :math:`k` = ``noise_multiple`` (in standard errors of a median of :math:`W` normal
+draws, :math:`1.2533\,\sigma/\sqrt W`) and :math:`c` = ``floor`` (nats).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch
 _ACTIONS = ("stop", "warn", "ignore")
 # 1.4826 * MAD estimates a normal standard deviation; differences double the variance
 _MAD_TO_SD = 1.4826 / math.sqrt(2.0)
+# the median of n normal draws has standard deviation sqrt(pi / 2) sigma / sqrt(n)
+_MEDIAN_SE = math.sqrt(math.pi / 2.0)
 
 
 class DivergenceWarning(UserWarning):
@@ -44,18 +47,26 @@ class DivergenceWarning(UserWarning):
 class DivergenceRule:
     r"""When :func:`~pyro_flowvi.fit` calls a fit diverged, and what it does then.
 
-    A step :math:`t` has diverged when the median ELBO of the last ``window`` steps falls
-    below the best such median so far by more than ``noise_multiple`` times the noise scale of
-    that best window plus ``floor`` nats. The noise scale is a robust per-step standard
-    deviation: the median absolute deviation of the window's first differences, scaled to a
-    normal standard deviation (differences cancel a slow trend). See ``docs/fit.md``.
+    A step :math:`t` has diverged when the median ELBO of the last :math:`W` = ``window``
+    steps falls below the best such median so far by more than ``noise_multiple`` standard
+    errors of a median plus ``floor`` nats:
+
+    .. math::
+
+        m_t < b - \left(k \cdot 1.2533\,\sigma_b / \sqrt{W} + c\right).
+
+    :math:`\sigma_b` is the noise scale of the best window, a robust standard deviation of one
+    ELBO estimate: the median absolute deviation of the window's first differences, scaled to
+    a normal standard deviation (differences cancel a slow trend). The rule and its defaults
+    are justified in ``docs/fit.md``.
 
     Arguments:
         action: ``"stop"`` (default): stop, put back the parameters, module buffers and
             optimizer state of the best window's last step, and warn; ``"warn"``: warn once
             and keep going; ``"ignore"``: do not check.
         window: steps per median (no check before the first full window).
-        noise_multiple: :math:`k`, in units of the best window's noise scale.
+        noise_multiple: :math:`k`, in standard errors of the best window's median
+            (20 standard errors are about 3.5 noise scales for :math:`W = 50`).
         floor: :math:`c`, in nats; it keeps a near-deterministic ELBO (noise scale ~0) from
             being called diverged by a small wobble.
 
@@ -112,9 +123,14 @@ class DivergenceGuard:
         return self.rule.action != "ignore"
 
     @property
-    def threshold(self) -> float:
+    def standard_error(self) -> float:
+        """Standard error of the best window's median (normal approximation)."""
         assert self.noise is not None
-        return self.rule.noise_multiple * self.noise + self.rule.floor
+        return _MEDIAN_SE * self.noise / math.sqrt(self.rule.window)
+
+    @property
+    def threshold(self) -> float:
+        return self.rule.noise_multiple * self.standard_error + self.rule.floor
 
     @staticmethod
     def _medians(windows: np.ndarray) -> np.ndarray:

@@ -276,8 +276,8 @@ def _divergence_message(guard: DivergenceGuard, restored: bool, action: str) -> 
     text = (
         f"fit: the ELBO diverged at step {guard.diverged_at}: the median of the last "
         f"{rule.window} steps fell more than {guard.threshold:.4g} below the best median "
-        f"{guard.best:.6g} (step {guard.best_step}), that is {rule.noise_multiple:g} noise "
-        f"scales ({guard.noise:.4g}) plus {rule.floor:g} nats"
+        f"{guard.best:.6g} (step {guard.best_step}), that is {rule.noise_multiple:g} standard "
+        f"errors of a median ({guard.standard_error:.4g} each) plus {rule.floor:g} nats"
     )
     if action == "warn":
         return text + "; continuing (divergence='warn'); the parameters at the end are the last"
@@ -293,6 +293,8 @@ def _divergence_message(guard: DivergenceGuard, restored: bool, action: str) -> 
     )
 
 
+# gradients on whatever the caller's grad mode: a step needs them, and a guide's start may
+@torch.enable_grad()
 def fit(
     model: Callable,
     guide: Callable,
@@ -359,8 +361,8 @@ def fit(
             cannot take.
         ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every`` or ``divergence``.
 
-    Before the first step, ``fit`` runs the guide and the model once (with gradients on, as a
-    step does) so that lazy guides create their parameters; the random-number state is put
+    ``fit`` runs with gradients enabled, also when called under ``torch.no_grad()``. Before
+    the first step, it runs the guide and the model once (as a step does) so that lazy guides create their parameters; the random-number state is put
     back afterwards, so the trace does not depend on whether the guide was built already.
 
     Ctrl-C (``KeyboardInterrupt``) ends the loop cleanly: the parameters learned so far are
