@@ -229,13 +229,16 @@ def _is_scheduler(optim: Any) -> bool:
     return isinstance(optim, pyro.optim.PyroLRScheduler)
 
 
+_ATOMIC = (bool, int, float, str, type(None))
+
+
 def _clone_tree(obj: Any) -> Any:
-    if torch.is_tensor(obj):
+    if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
+        return {k: v if isinstance(v, _ATOMIC) else _clone_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_tree(v) for v in obj)
+        return type(obj)(v if isinstance(v, _ATOMIC) else _clone_tree(v) for v in obj)
     return obj
 
 

@@ -25,11 +25,10 @@ from __future__ import annotations
 __all__ = ["DivergenceGuard", "DivergenceRule", "DivergenceWarning"]
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 _ACTIONS = ("stop", "warn", "ignore")
@@ -94,10 +93,18 @@ class DivergenceRule:
                 raise ValueError(f"DivergenceRule: {name} must be a number >= 0, got {value!r}")
 
 
-def noise_scale(window: np.ndarray) -> float:
+def median(values: Sequence[float]) -> float:
+    """The median of a short list (a sort in Python: faster than NumPy for 50 numbers)."""
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2.0
+
+
+def noise_scale(window: Sequence[float]) -> float:
     """Robust per-step standard deviation of an ELBO window (MAD of its differences)."""
-    diffs = np.diff(window)
-    return float(_MAD_TO_SD * np.median(np.abs(diffs - np.median(diffs))))
+    diffs = [b - a for a, b in zip(window[:-1], window[1:], strict=True)]
+    center = median(diffs)
+    return _MAD_TO_SD * median([abs(d - center) for d in diffs])
 
 
 class DivergenceGuard:
@@ -132,11 +139,6 @@ class DivergenceGuard:
     def threshold(self) -> float:
         return self.rule.noise_multiple * self.standard_error + self.rule.floor
 
-    @staticmethod
-    def _medians(windows: np.ndarray) -> np.ndarray:
-        # one code path (rows of a 2-D array) online and on resume: the same floating point
-        return np.median(windows, axis=-1)
-
     def observe(self, trace: list[float]) -> str | None:
         """Update with the trace ending at the current step: ``"improved"``, ``"diverged"``.
 
@@ -145,12 +147,12 @@ class DivergenceGuard:
         n, width = len(trace), self.rule.window
         if not self.active or n - self.window_start < width:
             return None
-        window = np.asarray(trace[n - width :], dtype=np.float64)
-        median = float(self._medians(window[None, :])[0])
-        if self.best is None or median > self.best:
-            self.best, self.best_step, self.noise = median, n - 1, noise_scale(window)
+        window = trace[n - width :]
+        current = median(window)
+        if self.best is None or current > self.best:
+            self.best, self.best_step, self.noise = current, n - 1, noise_scale(window)
             return "improved"
-        if self.diverged_at is None and median < self.best - self.threshold:
+        if self.diverged_at is None and current < self.best - self.threshold:
             self.diverged_at = n - 1
             return "diverged"
         return None
@@ -185,12 +187,12 @@ class DivergenceGuard:
         self.diverged_at = None if diverged_at is None else int(diverged_at)
         if not self.active or len(trace) - self.window_start < self.rule.window:
             return
-        values = np.asarray(trace[self.window_start :], dtype=np.float64)
-        medians = self._medians(np.lib.stride_tricks.sliding_window_view(values, self.rule.window))
-        index = int(np.argmax(medians))  # the first of the largest, as observe() finds it
-        self.best = float(medians[index])
-        self.best_step = self.window_start + index + self.rule.window - 1
-        self.noise = noise_scale(values[index : index + self.rule.window])
+        # the same scan as observe(), without the divergence checks (those were made)
+        for end in range(self.window_start + self.rule.window, len(trace) + 1):
+            window = trace[end - self.rule.window : end]
+            current = median(window)
+            if self.best is None or current > self.best:
+                self.best, self.best_step, self.noise = current, end - 1, noise_scale(window)
         if saved.get("snapshot_step") == self.best_step and saved.get("snapshot"):
             self.snapshot_step = self.best_step
             self.snapshot = dict(saved["snapshot"])

@@ -362,8 +362,9 @@ def fit(
         ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every`` or ``divergence``.
 
     ``fit`` runs with gradients enabled, also when called under ``torch.no_grad()``. Before
-    the first step, it runs the guide and the model once (as a step does) so that lazy guides create their parameters; the random-number state is put
-    back afterwards, so the trace does not depend on whether the guide was built already.
+    the first step, it runs the guide and the model once (as a step does) so that lazy guides
+    create their parameters; the random-number state is put back afterwards, so the trace
+    does not depend on whether the guide was built already.
 
     Ctrl-C (``KeyboardInterrupt``) ends the loop cleanly: the parameters learned so far are
     kept, a checkpoint is written when one was asked for, and the result has
