@@ -41,11 +41,12 @@ def test_help_runs_as_a_module():
 def test_fit_runs_end_to_end_as_a_command_and_resumes_its_checkpoint(tmp_path):
     path = tmp_path / "fit.pt"
     command = [sys.executable, "-m", "pyro_flowvi.cli", "fit", "funnel", "--dim", "3"]
+    command += ["--guide", "planar", "--num-transforms", "2"]
     options = ["--num-steps", "30", "--num-draws", "50", "--checkpoint", str(path), "--json"]
     done = subprocess.run(command + options, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["guide"] == "AutoIAFGuide" and summary["num_steps"] == 30
+    assert summary["guide"] == "AutoPlanarGuide" and summary["num_steps"] == 30
     # funnel has log Z = 0: the KL is minus the ELBO, and positive up to Monte Carlo error
     assert summary["kl"] == pytest.approx(-summary["elbo"])
     assert summary["kl"] > -4 * summary["elbo_mcse"]
