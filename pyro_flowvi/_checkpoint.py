@@ -299,7 +299,12 @@ def load_optimizer_states(optim: Any, states: Mapping[str, Any]) -> None:
 
 
 def restore_optimizer(
-    path: Path, optim: Any, saved: Mapping[str, Any], params: Mapping[str, torch.Tensor]
+    path: Path,
+    optim: Any,
+    saved: Mapping[str, Any],
+    params: Mapping[str, torch.Tensor],
+    *,
+    keep_saved: bool = False,
 ) -> None:
     """Resume ``optim`` from the checkpoint's optimizer entry.
 
@@ -308,8 +313,10 @@ def restore_optimizer(
     constructor arguments equal the checkpoint's, the checkpoint's values are kept as they are
     (``ClippedAdam``'s decayed learning rate included), so the resumed fit is exactly the
     uninterrupted one; when they differ, every hyper-parameter is set to what ``optim`` would
-    start with. Another optimizer class, or a learning-rate scheduler with other settings, is
-    refused: its state does not carry over.
+    start with. With ``keep_saved`` (``fit`` was given neither ``optim`` nor ``lr``) the
+    checkpoint's hyper-parameters are kept whatever the default optimizer's are. Another
+    optimizer class, or a learning-rate scheduler with other settings, is refused: its state
+    does not carry over.
     """
     description, states = saved["description"], dict(saved["states"])
     now = optimizer_description(optim, params)
@@ -317,7 +324,7 @@ def restore_optimizer(
         raise CheckpointError(
             path,
             f"was written with optimizer {description['class']}, this fit uses {now['class']}; "
-            "its state does not carry over (resume with the same optimizer class, or delete "
+            "its state does not carry over (pass the same optimizer class to resume, or delete "
             "the checkpoint to start again)",
         )
     if description.get("scheduler") != now.get("scheduler") or not _same(
@@ -330,7 +337,7 @@ def restore_optimizer(
             f"{now.get('scheduler_args')}; a scheduler's state does not carry over to other "
             "settings",
         )
-    if _is_pyro_optim(optim) and not _is_scheduler(optim):
+    if _is_pyro_optim(optim) and not _is_scheduler(optim) and not keep_saved:
         for name, state in states.items():
             if name in params and not _same(description["args"].get(name), now["args"][name]):
                 fresh = optim.pt_optim_constructor(

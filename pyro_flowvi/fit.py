@@ -251,11 +251,17 @@ def _checkpoint_state(
 
 
 def _resume(
-    path: Path, state: dict, names: list[str], optim: Any, model: Callable, guide: Callable
+    path: Path,
+    state: dict,
+    names: list[str],
+    optim: Any,
+    model: Callable,
+    guide: Callable,
+    default_optim: bool,
 ) -> None:
     params = _params(names)
     restore_params_and_buffers(path, state, params, _constraints(names), _buffers(model, guide))
-    restore_optimizer(path, optim, state["optim"], params)
+    restore_optimizer(path, optim, state["optim"], params, keep_saved=default_optim)
     set_rng_state(rng_from_plain(state["rng"]))
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -334,7 +340,8 @@ def fit(
             file crafted to run code is refused without running it. A checkpoint from
             another model, guide or optimizer class is refused, naming what differs. An
             optimizer with other hyper-parameters (a new ``lr``) takes over the checkpoint's
-            optimizer state (Adam's moments) with its own hyper-parameters.
+            optimizer state (Adam's moments) with its own hyper-parameters; without ``optim``
+            and ``lr``, the checkpoint's hyper-parameters are kept.
         checkpoint_every: steps between checkpoints.
         divergence: what to do when the ELBO falls far below its best: ``"stop"`` (default;
             put back the parameters, module buffers and optimizer state of the best window
@@ -391,6 +398,7 @@ def fit(
         raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
     rule = _divergence_rule(divergence)
     check_call(model, guide, args, kwargs)
+    default_optim = optim is None and lr is None
     if optim is None:
         optim = pyro.optim.Adam({"lr": 1e-2 if lr is None else float(lr)})
     if loss is None:
@@ -408,7 +416,7 @@ def fit(
     elbo: list[float] = []
     prior_time = 0.0
     if saved is not None:
-        _resume(path, saved, names, optim, model, guide)
+        _resume(path, saved, names, optim, model, guide, default_optim)
         elbo = saved["elbo_trace"].tolist()
         prior_time = float(saved["wall_time"])
         guard.resume(elbo, saved["divergence"])

@@ -1061,6 +1061,19 @@ def test_resume_with_a_new_learning_rate_uses_it_and_keeps_the_optimizer_state(d
     assert {obj.param_groups[0]["lr"] for obj in optim.optim_objs.values()} == {0.005}
 
 
+def test_resume_without_optim_or_lr_keeps_the_checkpoints_learning_rate(data, tmp_path):
+    pyro.set_rng_seed(7)
+    full = fit(model, AutoNormal(model), data, num_steps=30, lr=0.05, progress=False)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    path = tmp_path / "fit.pt"
+    fit(model, AutoNormal(model), data, num_steps=15, lr=0.05, checkpoint=path, progress=False)
+    pyro.clear_param_store()
+    # neither optim nor lr: not a request for the default 1e-2
+    resumed = fit(model, AutoNormal(model), data, num_steps=30, checkpoint=path, progress=False)
+    np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
+
+
 def test_resume_with_the_same_decaying_optimizer_continues_its_schedule(data, tmp_path):
     def optim():
         return pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.95})
