@@ -17,15 +17,15 @@ from torch.autograd.functional import jacobian
 
 from pyro_flowvi import AutoIAFGuide
 from pyro_flowvi.amortized import (
-    FLOW_FAMILIES,
     AutoAmortizedFlowGuide,
     FlowEncoder,
+    conditional_families,
     conditional_flows,
 )
 from pyro_flowvi.distributions import FlowDistribution
 from pyro_flowvi.flows import Compose, ElementwiseAffine, Flow
 
-FAMILIES = list(FLOW_FAMILIES)
+FAMILIES = list(conditional_families())
 
 
 def _randomize(module: nn.Module, scale: float = 0.4) -> None:
