@@ -240,7 +240,7 @@ class FlowEncoder(nn.Module):
         base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
         return FlowDistribution(base, self.flow, h)
 
-    def sample(self, name: str, x: Tensor) -> Tensor:
+    def sample(self, name: str, x: Tensor, *, stick_the_landing: bool = False) -> Tensor:
         r"""``pyro.sample`` site ``name`` from :math:`q(z \mid x)`, draw and :math:`\log q` from
         one forward pass.
 
@@ -254,6 +254,8 @@ class FlowEncoder(nn.Module):
             name: the site name (the model's latent site).
             x: data of shape ``batch_shape + (input_dim,)``, inside the plate(s) of
                 ``batch_shape``.
+            stick_the_landing: drop the score term from the gradient of :math:`\log q` (see
+                :meth:`~pyro_flowvi.distributions.FlowDistribution.rsample_and_log_prob`).
 
         Returns:
             The draw, of shape ``outer_plates + batch_shape + (latent_dim,)``.
@@ -261,7 +263,7 @@ class FlowEncoder(nn.Module):
         q = self(x)
         active = plate_batch_shape()
         outer = active[: max(len(active) - len(q.batch_shape), 0)]
-        z, log_q = q.rsample_and_log_prob(outer)
+        z, log_q = q.rsample_and_log_prob(outer, stick_the_landing=stick_the_landing)
         return pyro.sample(name, dist.Delta(z, log_density=log_q, event_dim=1))
 
     def extra_repr(self) -> str:
@@ -322,6 +324,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`; needed when the model
             passes its own ``subsample`` indices or its plate size changes between calls.
         summary_samples: draws per data row behind :meth:`median` and :meth:`quantiles`.
+        stick_the_landing: the "sticking the landing" gradient for :math:`\log q` (Roeder et
+            al., 2017; see :class:`~pyro_flowvi.AutoFlowGuide`); one extra inverse pass.
 
     Raises:
         ValueError: at the first call, naming the plate or site, when the plate holds no
@@ -343,8 +347,14 @@ class AutoAmortizedFlowGuide(AutoGuide):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
         summary_samples: int = 1000,
+        stick_the_landing: bool = False,
     ) -> None:
         site = type(self).__name__
+        if not isinstance(stick_the_landing, bool):
+            raise ValueError(
+                f"{site}: stick_the_landing must be True or False, got {stick_the_landing!r}"
+            )
+        self.stick_the_landing = stick_the_landing
         if not isinstance(plate, str):
             raise ValueError(f"{site}: plate must be the name of a pyro.plate, got {plate!r}")
         _check_family(site, flow)
@@ -481,7 +491,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
             x = x.to(dtype=next(encoder.parameters()).dtype)
             active = plate_batch_shape()
             outer = active[: len(active) + dim]  # plates around this one, e.g. particles
-            z, log_q = encoder(x).rsample_and_log_prob(outer)
+            z, log_q = encoder(x).rsample_and_log_prob(
+                outer, stick_the_landing=self.stick_the_landing
+            )
             shape = outer + torch.Size([x.shape[0]] + [1] * (-dim - 1))
             z = pyro.sample(
                 f"_{self._pyro_name}_latent",
