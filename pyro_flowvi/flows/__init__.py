@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .affine import ElementwiseAffine, TriangularAffine
+from .autoregressive import Autoregressive
 from .base import Compose, Flow, Permute, Reverse
 from .coupling import MaskedCoupling, alternating_mask
 from .householder import Householder
@@ -15,23 +16,36 @@ from .planar import Planar
 from .radial import Radial
 from .registry import FLOWS, FlowFamily, build_flows, register_flow
 from .sylvester import Sylvester
+from .transformers import (
+    AffineTransformer,
+    DeepSigmoidTransformer,
+    GatedAffineTransformer,
+    RationalQuadraticSpline,
+    Transformer,
+)
 
 __all__ = [
     "FLOWS",
     "IAF",
     "MADE",
+    "AffineTransformer",
+    "Autoregressive",
     "Compose",
+    "DeepSigmoidTransformer",
     "ElementwiseAffine",
     "Flow",
     "FlowFamily",
+    "GatedAffineTransformer",
     "Householder",
     "MaskedCoupling",
     "MaskedLinear",
     "Permute",
     "Planar",
     "Radial",
+    "RationalQuadraticSpline",
     "Reverse",
     "Sylvester",
+    "Transformer",
     "TriangularAffine",
     "alternating_mask",
     "build_flows",
