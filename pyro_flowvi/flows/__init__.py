@@ -23,6 +23,7 @@ from .transformers import (
     RationalQuadraticSpline,
     Transformer,
 )
+from .zuko import ZukoFlow, as_flow
 
 __all__ = [
     "FLOWS",
@@ -46,8 +47,10 @@ __all__ = [
     "Reverse",
     "Sylvester",
     "Transformer",
+    "ZukoFlow",
     "TriangularAffine",
     "alternating_mask",
+    "as_flow",
     "build_flows",
     "register_flow",
 ]
