@@ -48,7 +48,8 @@ class FlowFamily:
     Attributes:
         name: the key in :data:`FLOWS`, e.g. ``"iaf"``.
         build: ``build(input_dim, *, context_dim=None, **options) -> [f_1, ..., f_K]``; every
-            option is a keyword-only parameter with its value in ``defaults``.
+            option is a keyword-only parameter with its value in ``defaults`` (call it through
+            :func:`build_flows`, which merges the defaults, or pass every option).
         defaults: the options of the family's global guide, ``num_transforms`` included
             (read-only).
         takes_context: whether ``build(..., context_dim=int)`` gives conditional layers.
@@ -162,18 +163,18 @@ def _check_num_transforms(name: str, value: object) -> int:
 # Built-in families
 
 
-def _planar(input_dim: int, *, context_dim: int | None, num_transforms: int) -> list[Flow]:
+def _planar(input_dim: int, *, context_dim: int | None = None, num_transforms: int) -> list[Flow]:
     count = _check_num_transforms("planar", num_transforms)
     return [Planar(input_dim, context_dim=context_dim) for _ in range(count)]
 
 
-def _radial(input_dim: int, *, context_dim: int | None, num_transforms: int) -> list[Flow]:
+def _radial(input_dim: int, *, context_dim: int | None = None, num_transforms: int) -> list[Flow]:
     count = _check_num_transforms("radial", num_transforms)
     return [Radial(input_dim, context_dim=context_dim) for _ in range(count)]
 
 
 def _householder(
-    input_dim: int, *, context_dim: int | None, num_transforms: int | None
+    input_dim: int, *, context_dim: int | None = None, num_transforms: int | None
 ) -> list[Flow]:
     count = min(input_dim, 16) if num_transforms is None else num_transforms
     count = _check_num_transforms("householder", count)
@@ -192,7 +193,7 @@ def _householder(
 
 def _sylvester(variant: str) -> Callable[..., list[Flow]]:
     def build(
-        input_dim: int, *, context_dim: int | None, num_transforms: int, **options: Any
+        input_dim: int, *, context_dim: int | None = None, num_transforms: int, **options: Any
     ) -> list[Flow]:
         count = _check_num_transforms(f"sylvester-{variant}", num_transforms)
         given = {key: value for key, value in options.items() if value is not None}
@@ -208,7 +209,7 @@ def _sylvester(variant: str) -> Callable[..., list[Flow]]:
 
 def _iaf(update: str) -> Callable[..., list[Flow]]:
     def build(
-        input_dim: int, *, context_dim: int | None, num_transforms: int, **options: Any
+        input_dim: int, *, context_dim: int | None = None, num_transforms: int, **options: Any
     ) -> list[Flow]:
         count = _check_num_transforms("iaf" if update == "gated" else "iaf-affine", num_transforms)
         layers: list[Flow] = []
@@ -262,7 +263,7 @@ def _autoregressive_stack(
 def _spline_autoregressive(
     input_dim: int,
     *,
-    context_dim: int | None,
+    context_dim: int | None = None,
     num_transforms: int,
     bins: int,
     bound: float,
@@ -285,7 +286,7 @@ def _spline_autoregressive(
 def _naf(
     input_dim: int,
     *,
-    context_dim: int | None,
+    context_dim: int | None = None,
     num_transforms: int,
     hidden_units: int,
     offset_spread: float,
@@ -334,7 +335,7 @@ def _coupling_stack(
 def _realnvp(
     input_dim: int,
     *,
-    context_dim: int | None,
+    context_dim: int | None = None,
     num_transforms: int,
     hidden_dims: int | list[int] | None,
     log_scale_bound: float,
@@ -353,7 +354,7 @@ def _realnvp(
 def _spline_coupling(
     input_dim: int,
     *,
-    context_dim: int | None,
+    context_dim: int | None = None,
     num_transforms: int,
     bins: int,
     bound: float,
