@@ -535,3 +535,21 @@ def test_forward_traces_with_torch_jit(name):
     args = (x,) if context is None else (x, context)
     for a, b in zip(traced(*args), layer(*args), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", JIT_CASES)
+def test_families_run_on_cuda(name):
+    layer = CASES[name].build()
+    _perturb(layer, 0.2)
+    x, context = _inputs(layer, (6,))
+    y, ladj = layer(x, context)
+    device = torch.device("cuda")
+    gpu = layer.to(device=device, dtype=torch.float32)
+    context32 = None if context is None else context.to(device, torch.float32)
+    y32, ladj32 = gpu(x.to(device, torch.float32), context32)
+    assert y32.device.type == ladj32.device.type == "cuda"
+    torch.testing.assert_close(y32.cpu(), y.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ladj32.cpu(), ladj.float(), atol=1e-4, rtol=1e-4)
+    x32, _ = gpu.inverse(y32, context32)
+    torch.testing.assert_close(x32.cpu(), x.float(), atol=1e-3, rtol=1e-3)

@@ -187,9 +187,9 @@ def as_flow(obj: Any, input_dim: int, context_dim: int | None = None) -> Flow:
             "as_flow: expected a pyro_flowvi Flow, a zuko.flows.Flow, a zuko LazyTransform or a "
             f"torch.distributions.Transform, got {type(obj).__name__}"
         )
-    dtype = next((p.dtype for p in layer.parameters()), torch.get_default_dtype())
-    x = torch.zeros(2, input_dim, dtype=dtype)
-    context = None if context_dim is None else torch.zeros(2, context_dim, dtype=dtype)
+    reference = next(layer.parameters(), torch.empty(0))  # the probe's dtype and device
+    x = reference.new_zeros(2, input_dim)
+    context = None if context_dim is None else reference.new_zeros(2, context_dim)
     try:
         with torch.no_grad():
             y, ladj = layer(x, context)
