@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from ._util import is_discrete, plate_batch_shape
 from .distributions import FlowDistribution
-from .flows import FLOWS, Compose, ElementwiseAffine, Flow, build_flows
+from .flows import FLOWS, Compose, ElementwiseAffine, Flow, as_flow, build_flows
 
 
 def conditional_families() -> tuple[str | None, ...]:
@@ -71,10 +71,18 @@ def conditional_families() -> tuple[str | None, ...]:
     return (None, *sorted(name for name, family in FLOWS.items() if family.takes_context))
 
 
-def _check_family(site: str, family: object) -> None:
+def _is_built(flow: object) -> bool:
+    """A built conditional flow: our :class:`Flow`, a zuko flow or lazy transform."""
+    return isinstance(flow, nn.Module) and not isinstance(flow, type)
+
+
+def _check_family(site: str, family: object, built: bool = False) -> None:
+    if built and _is_built(family):
+        return
     families = conditional_families()
     if family not in families:
-        raise ValueError(f"{site}: flow must be one of {list(families)}, got {family!r}")
+        extra = ", or a built conditional flow (zuko or pyro_flowvi)" if built else ""
+        raise ValueError(f"{site}: flow must be one of {list(families)}{extra}, got {family!r}")
 
 
 # median() / quantiles(): draws x rows x latent size held at once
@@ -139,10 +147,13 @@ class FlowEncoder(nn.Module):
         latent_dim: size of the latent :math:`z`.
         hidden_dims: widths of the MLP; the last one is the context size. Empty: the data
             point itself is the context.
-        flow: one of :func:`conditional_families`: ``None`` (plain Gaussian), ``"planar"``,
-            ``"radial"``, ``"householder"``, ``"iaf"``, ``"sylvester-orthogonal"``,
-            ``"sylvester-householder"``, ``"sylvester-triangular"``.
-        num_transforms: K, the number of flow layers.
+        flow: one of :func:`conditional_families` (``None`` for a plain Gaussian, or a
+            registered family such as ``"iaf"``, ``"sylvester-orthogonal"``,
+            ``"spline-autoregressive"``), or a built conditional flow whose context size is the
+            last hidden width: a zuko flow (``zuko.flows.NSF(latent_dim,
+            context=hidden_dims[-1])``, wrapped by :func:`pyro_flowvi.flows.as_flow`) or a
+            :class:`~pyro_flowvi.flows.Flow` built with that ``context_dim``.
+        num_transforms: K, the number of flow layers of a family.
         activation: the MLP's nonlinearity (a module class), default ``nn.ELU``.
         init_loc: initial :math:`\mu` (float or ``(latent_dim,)``), the bias of its head.
         init_scale: initial :math:`\sigma > 0`.
@@ -205,11 +216,13 @@ class FlowEncoder(nn.Module):
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:
             _check_positive_int(site, f"hidden_dims entry (in {hidden_dims})", width)
-        _check_family(site, flow)
+        _check_family(site, flow, built=True)
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
+        if _is_built(flow) and flow_options:
+            raise ValueError(f"{site}: flow_options apply to a family name, not to {flow!r}")
         self.hidden_dims = hidden_dims
-        self.family = flow
+        self.family = type(flow).__name__ if _is_built(flow) else flow
         self.num_transforms = _check_positive_int(site, "num_transforms", num_transforms)
         modules: list[nn.Module] = []
         width = input_dim
@@ -221,7 +234,11 @@ class FlowEncoder(nn.Module):
         gaussian = ElementwiseAffine(
             latent_dim, loc=init_loc, scale=float(init_scale), context_dim=width
         )
-        layers = conditional_flows(flow, latent_dim, width, num_transforms, **(flow_options or {}))
+        if _is_built(flow):  # e.g. zuko.flows.NSF(latent_dim, context=context_dim)
+            layers = [as_flow(flow, latent_dim, context_dim=width)]
+        else:
+            options = flow_options or {}
+            layers = conditional_flows(flow, latent_dim, width, num_transforms, **options)
         self.flow = Compose([gaussian, *layers])
 
     def context(self, x: Tensor) -> Tensor:
@@ -314,7 +331,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         plate: name of the plate that holds the local latents.
         data_fn: ``(*args, **kwargs) -> Tensor`` giving the data that drives the encoder, one
             row per plate element; default: the model's first positional argument.
-        flow: the flow family, one of :func:`conditional_families`.
+        flow: the flow family, one of :func:`conditional_families`, or a built conditional
+            flow (see :class:`FlowEncoder`).
         num_transforms: number of flow layers.
         hidden_dims: widths of the encoder MLP.
         flow_options: keyword arguments for every flow layer.
@@ -357,7 +375,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self.stick_the_landing = stick_the_landing
         if not isinstance(plate, str):
             raise ValueError(f"{site}: plate must be the name of a pyro.plate, got {plate!r}")
-        _check_family(site, flow)
+        _check_family(site, flow, built=True)
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
         if data_fn is not None and not callable(data_fn):

@@ -28,8 +28,11 @@ from pyro_flowvi import (
     AutoFlowGuide,
     AutoHouseholderGuide,
     AutoIAFGuide,
+    AutoNAFGuide,
+    AutoNeuralSplineGuide,
     AutoPlanarGuide,
     AutoRadialGuide,
+    AutoRealNVPGuide,
     AutoSylvesterGuide,
 )
 from pyro_flowvi.diagnostics import to_arviz, vi_diagnostics
@@ -47,6 +50,10 @@ GUIDES = {
     "iaf-affine": functools.partial(AutoIAFGuide, update="affine"),
     "iaf-studentt": functools.partial(AutoIAFGuide, base="studentt"),
     "flow-mixed": functools.partial(AutoFlowGuide, flows=[Planar, IAF, Reverse], num_transforms=2),
+    "spline-autoregressive": functools.partial(AutoNeuralSplineGuide, num_transforms=2),
+    "spline-coupling": functools.partial(AutoNeuralSplineGuide, coupling=True),
+    "realnvp": AutoRealNVPGuide,
+    "naf": functools.partial(AutoNAFGuide, num_transforms=2),
 }
 # The plain-MADE IAF moves its means along a strongly correlated direction more slowly.
 STEPS = {"iaf": 1000, "iaf-affine": 1000, "iaf-studentt": 1000}
@@ -497,11 +504,19 @@ def test_bad_constructor_arguments():
         AutoFlowGuide(regression_model, flows=[Planar(3)], num_transforms=2)
 
 
-def test_made_widths_that_cannot_form_a_made():
+def test_bad_family_options():
     x, y = _regression_data()
-    guide = AutoIAFGuide(regression_model, hidden_dims=[1])
-    with pytest.raises(ValueError, match="1"):
+    guide = AutoIAFGuide(regression_model, hidden_dims=[0])
+    with pytest.raises(ValueError, match="hidden_dims.*0"):
         guide(x, y)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bins'\] of flow family 'iaf'"):
+        AutoFlowGuide(regression_model, "iaf", flow_options={"bins": 4})
+    with pytest.raises(ValueError, match="unknown flow family 'nice'.*'naf'"):
+        AutoFlowGuide(regression_model, "nice")
+    with pytest.raises(ValueError, match="flow_options apply to a flow family given by name"):
+        AutoFlowGuide(regression_model, IAF, flow_options={"hidden_dims": [4]})
+    with pytest.raises(ValueError, match="coupling must be True or False, got 'yes'"):
+        AutoNeuralSplineGuide(regression_model, coupling="yes")
 
 
 def test_wrong_layer_size():
@@ -832,3 +847,22 @@ def test_stick_the_landing_needs_invertible_layers_and_a_bool():
     guide = AutoFlowGuide(regression_model, flows=Shift, stick_the_landing=True)
     with pytest.raises(ValueError, match=r"stick_the_landing needs the inverse.*\['Shift'\]"):
         guide(x, y)
+
+
+def test_zuko_flow_as_the_guide_flow():
+    zuko = pytest.importorskip("zuko")
+    x, y = _regression_data()
+    log_z, _, _ = _exact(x, y)
+    guide = AutoFlowGuide(
+        regression_model,
+        flows=lambda dim: zuko.flows.NSF(dim, transforms=2, hidden_features=(16,)),
+    )
+    _train(guide, regression_model, x, y, steps=150)
+    report = vi_diagnostics(to_arviz(guide, regression_model, x, y, num_draws=2000), warn=False)
+    assert report.elbo <= log_z + 3 * report.elbo_mcse
+    assert report.elbo > log_z - 0.5
+    z = torch.randn(5, 3)
+    log_q = guide.get_posterior().log_prob(z)  # zuko's inverse direction scores any point
+    assert torch.isfinite(log_q).all()
+    with pytest.raises(ValueError):  # Pyro's validation is on again after the zuko import
+        dist.Normal(0.0, -1.0)

@@ -31,15 +31,23 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.nn import PyroParam
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .._util import is_discrete, plate_batch_shape
 from ..distributions import FlowDistribution
 from ..flows import FLOWS, Compose, ElementwiseAffine, Flow, TriangularAffine, build_flows
+from ..flows.zuko import as_flow
 from .initialization import initial_gaussian, model_log_density
 
 FlowSpec = Flow | Callable[[int], Flow]
+
+
+def _is_built(spec: object) -> bool:
+    """A built layer: our Flow, or a zuko flow / lazy transform (modules) or a transform."""
+    if isinstance(spec, type):
+        return False
+    return isinstance(spec, (Flow, nn.Module, torch.distributions.Transform))
 
 
 def _family_options(
@@ -92,8 +100,11 @@ class AutoFlowGuide(AutoContinuous):
             :data:`pyro_flowvi.flows.FLOWS`, e.g. ``"spline-autoregressive"``), a flow class or
             factory ``input_dim -> Flow`` (e.g. ``IAF``, ``functools.partial(IAF,
             hidden_dims=[32])``), a built :class:`~pyro_flowvi.flows.Flow` of the right size,
-            or a sequence of classes, factories and layers. The latent size is only known once
-            the model has run, hence names and factories.
+            or a sequence of classes, factories and layers. A zuko flow
+            (``zuko.flows.NSF(features=D)``), zuko lazy transform or torch ``Transform`` (or a
+            factory returning one) is wrapped by :func:`pyro_flowvi.flows.as_flow`; zuko's own
+            base distribution is then replaced by this guide's. The latent size is only known
+            once the model has run, hence names and factories.
         flow_options: options of the named family (see its ``defaults`` in
             :data:`~pyro_flowvi.flows.FLOWS`); only with a family name.
         init_loc_fn: per-site initialisation of :math:`\mu` (see
@@ -198,15 +209,16 @@ class AutoFlowGuide(AutoContinuous):
                     f"{name}: flow_options apply to a flow family given by name, but flows is "
                     f"{flows!r}"
                 )
-            specs = [flows] if isinstance(flows, Flow) or callable(flows) else list(flows)
+            single = _is_built(flows) or callable(flows)
+            specs = [flows] if single else list(flows)
             for spec in specs:
-                if not (isinstance(spec, Flow) or callable(spec)):
+                if not (_is_built(spec) or callable(spec)):
                     raise ValueError(
-                        f"{name}: each entry of flows must be a flow family name, a Flow or a "
-                        f"callable input_dim -> Flow, got {spec!r}"
+                        f"{name}: each entry of flows must be a flow family name, a Flow, a zuko "
+                        f"flow or transform, or a callable input_dim -> Flow, got {spec!r}"
                     )
             num_transforms = 1 if num_transforms is None else num_transforms
-            if num_transforms > 1 and any(isinstance(spec, Flow) for spec in specs):
+            if num_transforms > 1 and any(_is_built(spec) for spec in specs):
                 raise ValueError(
                     f"{name}: flows holds built layers, which cannot be repeated "
                     f"num_transforms={num_transforms} times; pass classes or factories instead"
@@ -236,12 +248,15 @@ class AutoFlowGuide(AutoContinuous):
         layers = []
         for _ in range(self.num_transforms):
             for spec in self._flow_specs:
-                layer = spec if isinstance(spec, Flow) else spec(input_dim)
+                layer = spec if _is_built(spec) else spec(input_dim)
                 if not isinstance(layer, Flow):
-                    raise ValueError(
-                        f"{type(self).__name__}: flows factory {spec!r} returned "
-                        f"{type(layer).__name__}, not a pyro_flowvi.flows.Flow"
-                    )
+                    if not _is_built(layer):
+                        raise ValueError(
+                            f"{type(self).__name__}: flows factory {spec!r} returned "
+                            f"{type(layer).__name__}, not a pyro_flowvi.flows.Flow or a zuko "
+                            "flow or transform"
+                        )
+                    layer = as_flow(layer, input_dim)  # a zuko flow, lazy transform or transform
                 if layer.context_dim is not None:
                     raise ValueError(
                         f"{type(self).__name__}: layer {type(layer).__name__} is conditional "

@@ -11,8 +11,11 @@ from __future__ import annotations
 __all__ = [
     "AutoHouseholderGuide",
     "AutoIAFGuide",
+    "AutoNAFGuide",
+    "AutoNeuralSplineGuide",
     "AutoPlanarGuide",
     "AutoRadialGuide",
+    "AutoRealNVPGuide",
     "AutoSylvesterGuide",
 ]
 
@@ -152,4 +155,109 @@ class AutoIAFGuide(AutoFlowGuide):
         family = "iaf" if update == "gated" else "iaf-affine"
         super().__init__(
             model, family, flow_options=options, num_transforms=num_transforms, **kwargs
+        )
+
+
+class AutoNeuralSplineGuide(AutoFlowGuide):
+    r""":class:`AutoFlowGuide` with ``num_transforms`` rational-quadratic neural spline layers:
+    autoregressive (family ``"spline-autoregressive"``, default 3 layers with a reversal between
+    them; sampling and :math:`\log q` in one pass) or coupling (``coupling=True``, family
+    ``"spline-coupling"``, default 4 layers with alternating masks).
+
+    Each coordinate goes through a monotone rational-quadratic spline with ``bins`` bins on
+    :math:`[-B, B]` (``bound``) and the identity outside, whose knots come from a MADE (or the
+    coupling's masked network). A fresh layer is the identity.
+
+    Arguments:
+        coupling: coupling layers instead of autoregressive ones.
+        bins: spline bins per coordinate (default 8).
+        bound: :math:`B`, the half-width of the spline's interval in the standardized
+            coordinates of the guide (default 5).
+        hidden_dims: widths of the conditioner network (default: proportional to the latent
+            size, capped).
+
+    References:
+        Neural Spline Flows (Durkan et al., 2019, arXiv 1906.04032)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        coupling: bool = False,
+        num_transforms: int | None = None,
+        bins: int | None = None,
+        bound: float | None = None,
+        hidden_dims: int | Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(coupling, bool):
+            raise ValueError(
+                f"AutoNeuralSplineGuide: coupling must be True or False, got {coupling!r}"
+            )
+        self.coupling = coupling
+        family = "spline-coupling" if coupling else "spline-autoregressive"
+        options = _given(bins=bins, bound=bound, hidden_dims=hidden_dims)
+        super().__init__(
+            model, family, flow_options=options, num_transforms=num_transforms, **kwargs
+        )
+
+
+class AutoRealNVPGuide(AutoFlowGuide):
+    r""":class:`AutoFlowGuide` with ``num_transforms`` affine coupling layers (family
+    ``"realnvp"``, default 4) with alternating masks: half of the coordinates pass through and
+    condition an affine map of the others, :math:`y = x \odot e^{s(x_m)} + t(x_m)`, with a
+    softly bounded log-scale. Sampling and the inverse both take one pass.
+
+    Arguments:
+        hidden_dims: widths of the coupling networks (default: proportional to the latent size,
+            capped).
+        log_scale_bound: :math:`b` in :math:`s = b \tanh(\hat s / b)` (default 5).
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017, arXiv 1605.08803)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        num_transforms: int | None = None,
+        hidden_dims: int | Sequence[int] | None = None,
+        log_scale_bound: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = _given(hidden_dims=hidden_dims, log_scale_bound=log_scale_bound)
+        super().__init__(
+            model, "realnvp", flow_options=options, num_transforms=num_transforms, **kwargs
+        )
+
+
+class AutoNAFGuide(AutoFlowGuide):
+    r""":class:`AutoFlowGuide` with ``num_transforms`` neural autoregressive layers (family
+    ``"naf"``, default 3, a reversal between them): each coordinate goes through a deep
+    sigmoidal flow, a monotone mixture of ``hidden_units`` sigmoids whose weights, slopes and
+    offsets come from a MADE. More flexible per coordinate than an affine or gated IAF;
+    the inverse needs a root solve per coordinate.
+
+    Arguments:
+        hidden_units: sigmoids per coordinate (default 8).
+        hidden_dims: MADE widths (default: proportional to the latent size, capped).
+
+    References:
+        Neural Autoregressive Flows (Huang et al., 2018, arXiv 1804.00779)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        num_transforms: int | None = None,
+        hidden_units: int | None = None,
+        hidden_dims: int | Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = _given(hidden_units=hidden_units, hidden_dims=hidden_dims)
+        super().__init__(
+            model, "naf", flow_options=options, num_transforms=num_transforms, **kwargs
         )
