@@ -12,12 +12,14 @@ from .compare import (
     marginal_wasserstein,
     wasserstein_distance,
 )
-from .convert import to_arviz
+from .convert import VectorizationWarning, to_arviz
 from .plots import plot_elbo, plot_marginals, plot_pair
 from .report import (
+    MIN_KHAT_DRAWS,
     VIDiagnostics,
     VIDiagnosticWarning,
     VILoo,
+    khat_interval,
     khat_threshold,
     khat_verdict,
     vi_diagnostics,
@@ -25,11 +27,14 @@ from .report import (
 )
 
 __all__ = [
+    "MIN_KHAT_DRAWS",
     "VIDiagnosticWarning",
     "VIDiagnostics",
     "VILoo",
+    "VectorizationWarning",
     "compare_approximations",
     "flatten_draws",
+    "khat_interval",
     "khat_threshold",
     "khat_verdict",
     "marginal_wasserstein",

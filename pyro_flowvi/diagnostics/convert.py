@@ -15,15 +15,17 @@ Pyro's autoguides, pyro-flowvi's flow guides and hand-written guide functions al
 
 Draws are produced in chunks, vectorized with an outer ``pyro.plate`` left of the model's
 plates (as ``pyro.infer.Predictive(parallel=True)`` does). Models or guides that cannot be
-vectorized fall back to a loop over draws.
+vectorized fall back to a loop over draws, with a :class:`VectorizationWarning` that says why.
 """
 
 from __future__ import annotations
 
-__all__ = ["to_arviz"]
+__all__ = ["VectorizationWarning", "to_arviz"]
 
-import logging
+import difflib
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +41,13 @@ from torch import Tensor
 
 from . import _arviz
 
-_LOG = logging.getLogger(__name__)
 _DRAW_PLATE = "_pyro_flowvi_draws"
+# words users coming from Predictive or MCMC type for to_arviz's options
+_SYNONYMS = {"num_samples": "num_draws", "samples": "num_draws", "draws": "num_draws"}
+
+
+class VectorizationWarning(UserWarning):
+    """The draws could not be vectorized and are drawn one at a time (much slower)."""
 
 
 class _VectorizeError(RuntimeError):
@@ -107,6 +114,119 @@ def _max_plate_nesting(*traces: Trace) -> int:
     return max(dims, default=0)
 
 
+def _subsampled_frames(trace: Trace) -> dict[str, tuple[int, int]]:
+    """``{plate: (size, full_size)}`` of the subsampled plates of a trace."""
+    return {
+        frame.name: (frame.size, frame.full_size)
+        for _, site in _sample_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.full_size is not None and frame.size != frame.full_size
+    }
+
+
+def _check_full_plates(
+    guide_trace: Trace, model_trace: Trace, model: Callable, args: tuple, kwargs: dict
+) -> None:
+    """Raise if a plate is subsampled, saying whether the guide or the model subsamples it.
+
+    A Pyro autoguide builds its plates from the model trace of its first call and keeps their
+    subsample sizes; replayed against it, the model takes the guide's mini-batch indices even
+    when it is given the full data set.
+    """
+    subsampled = _subsampled_frames(model_trace)
+    if not subsampled:
+        return
+    plate, (size, full_size) = next(iter(subsampled.items()))
+    by_guide = plate in guide_trace.nodes and site_is_subsample(guide_trace.nodes[plate])
+    by_guide = by_guide and plate in _subsampled_frames(guide_trace)
+    try:
+        by_model: bool | None = plate in _subsampled_frames(
+            poutine.trace(model).get_trace(*args, **kwargs)
+        )
+    except Exception:  # the prior cannot be sampled (e.g. an improper site): do not guess
+        by_model = None
+    needs = "to_arviz needs every observation (LOO scores each one)"
+    if by_model:
+        raise ValueError(
+            f"to_arviz: the model subsamples plate {plate!r} to {size} of {full_size} with "
+            f"these arguments; {needs}: pass the arguments under which the model uses the "
+            "full data set (no mini-batch size)"
+        )
+    fix = (
+        f"build the guide with plates that follow the model's arguments, e.g. "
+        f"AutoNormal(model, create_plates=fn) where fn(*args, **kwargs) returns "
+        f"pyro.plate({plate!r}, {full_size}, subsample_size=<the batch size in args>), "
+        "so that it uses the full plate when the model does"
+    )
+    if by_guide and by_model is False:
+        raise ValueError(
+            f"to_arviz: the guide subsamples plate {plate!r} to {size} of {full_size} "
+            "although the model, called with these arguments, uses the full plate: the "
+            f"guide froze the mini-batch size it was first called with ({size}), as Pyro "
+            f"autoguides do when trained on mini-batches; {needs}. To fix it, {fix}"
+        )
+    raise ValueError(
+        f"to_arviz: plate {plate!r} is subsampled to {size} of {full_size}; {needs}. Pass "
+        "the full data set; if you did, the guide froze the mini-batch size of its first "
+        f"call (Pyro autoguides do): {fix}"
+    )
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    """The call signature of a model (``forward`` for an ``nn.Module``), if Python knows it."""
+    try:
+        return inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_model_call(
+    caller: str, model: Callable, args: tuple, kwargs: Mapping[str, Any], options: Sequence[str]
+) -> None:
+    """Raise a clear ``TypeError`` before drawing if ``model(*args, **kwargs)`` cannot bind.
+
+    Keywords that are not ``caller``'s own ``options`` go to the model; one the model does not
+    take is most likely a misspelt option (``num_samples`` for ``num_draws``), so the error
+    names the closest option.
+    """
+    if not callable(model):
+        raise TypeError(f"{caller}: the model must be callable, got {type(model).__name__}")
+    signature = _signature(model)
+    if signature is None:
+        return
+    name = getattr(model, "__name__", None) or type(model).__name__
+    params = signature.parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        for key in kwargs:
+            if key in signature.parameters:
+                continue
+            guess = _SYNONYMS.get(key) or next(
+                iter(difflib.get_close_matches(key, options, n=1, cutoff=0.6)), None
+            )
+            hint = f"; did you mean {guess!r}?" if guess else ""
+            raise TypeError(
+                f"{caller}: unknown keyword {key!r}: it is not an option of {caller} "
+                f"({', '.join(options)}), and the model {name}{signature} does not take it"
+                f"{hint}"
+            )
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"{caller}: the model {name}{signature} cannot be called with "
+            f"{len(args)} positional arguments and keywords {sorted(kwargs)}: {error}"
+        ) from None
+
+
+def _options(fn: Callable) -> list[str]:
+    """The keyword-only options of one of this package's functions."""
+    return [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
 def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
     layout = _Layout(
         max_plate_nesting=_max_plate_nesting(guide_trace, model_trace),
@@ -119,12 +239,6 @@ def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
     )
     unguided = []
     for name, site in _sample_sites(model_trace):
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise ValueError(
-                    f"to_arviz: site {name!r} is in plate {frame.name!r} subsampled to "
-                    f"{frame.size} of {frame.full_size}; pass the full data set"
-                )
         if _is_factor(site):
             continue
         value = site["value"]
@@ -259,7 +373,17 @@ def _draw_chunks(
         except Exception as error:
             if parallel:
                 raise
-            _LOG.info("to_arviz: drawing one at a time, vectorization failed: %s", error)
+            # Pyro appends a table of trace shapes to its errors: the first line is the reason
+            reason = (str(error).strip().splitlines() or [""])[0]
+            warnings.warn(
+                "to_arviz: the draws could not be vectorized, so they are drawn one at a "
+                f"time, which is much slower. The reason: {type(error).__name__}: {reason}. "
+                "Make the model and guide broadcast over a batch dimension left of their "
+                "plates (no Python floats or .item() of sampled values, a pyro.plate for "
+                "every batch dimension), or pass parallel=False to loop without this warning",
+                VectorizationWarning,
+                stacklevel=4,
+            )
             parallel = False
             break
         chunks.append(chunk)
@@ -314,7 +438,15 @@ def to_arviz(
 
     Raises:
         ValueError: if a latent site of the model is missing from the guide, a plate is
-            subsampled, or ``num_draws`` is not an int >= 2.
+            subsampled (by the model, or by a guide that froze a mini-batch size: the message
+            says which, and how to fix it), or ``num_draws`` is not an int >= 2.
+        TypeError: if a keyword is neither an option of ``to_arviz`` nor a parameter of the
+            model (a misspelt option such as ``num_samples``), or the model's signature does
+            not accept ``args``.
+
+    Warns:
+        VectorizationWarning: when ``parallel=None`` falls back to drawing one at a time,
+            with the reason.
 
     Example:
         >>> guide = AutoNormal(model)
@@ -326,8 +458,12 @@ def to_arviz(
         raise ValueError(f"to_arviz: num_draws must be an int >= 2, got {num_draws!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"to_arviz: chunk_size must be a positive int, got {chunk_size!r}")
+    if not callable(guide):
+        raise TypeError(f"to_arviz: the guide must be callable, got {type(guide).__name__}")
+    _check_model_call("to_arviz", model, args, kwargs, _options(to_arviz))
     with torch.no_grad():
         guide_trace, model_trace = _traces(guide, model, args, kwargs)
+        _check_full_plates(guide_trace, model_trace, model, args, kwargs)
         layout = _layout(guide_trace, model_trace)
         draws = _draw_chunks(guide, model, args, kwargs, layout, num_draws, chunk_size, parallel)
 
