@@ -10,6 +10,7 @@ __all__ = [
     "Component",
     "check_aligned",
     "components",
+    "constant_columns",
     "flatten_draws",
     "is_arviz",
     "reference_arrays",
@@ -82,6 +83,23 @@ def flatten_draws(
         else:
             labels += [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
     return np.concatenate(columns, axis=1), labels
+
+
+# A component is structurally constant (the zeros and the leading one of a Cholesky factor)
+# when its draws vary by less than this, relative to their size.
+_CONSTANT_RTOL = 1e-9
+_CONSTANT_ATOL = 1e-12
+
+
+def constant_columns(draws: np.ndarray) -> np.ndarray:
+    """Which columns of a ``(draws, P)`` matrix are structurally constant (a boolean mask).
+
+    A column is constant when its draws span at most ``1e-12 + 1e-9 max|x|``.
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    spread = np.ptp(draws, axis=0)
+    scale = np.max(np.abs(draws), axis=0)
+    return spread <= _CONSTANT_ATOL + _CONSTANT_RTOL * scale
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,11 @@ from typing import Any
 import numpy as np
 
 from . import _arviz
-from ._draws import flatten_draws, is_arviz, reference_arrays
-from .convert import _check_model_call, _options, to_arviz
+from ._checks import check_model_call, options
+from ._draws import constant_columns, flatten_draws, is_arviz, reference_arrays
+from .convert import to_arviz
 from .report import vi_diagnostics
 
-# a reference component is structurally constant (the zeros and the one of a Cholesky
-# factor's first row) when its draws vary by less than this, relative to their size
-_CONSTANT_RTOL = 1e-9
-_CONSTANT_ATOL = 1e-12
 # an approximation agrees with such a constant up to float32 rounding of a transform
 _AGREE_TOL = 1e-5
 
@@ -88,13 +85,6 @@ def wasserstein_distance(
     return float(cost[rows, cols].mean())
 
 
-def _constant_components(draws: np.ndarray) -> np.ndarray:
-    """Which columns of a ``(draws, P)`` matrix are structurally constant (a boolean mask)."""
-    spread = np.ptp(draws, axis=0)
-    scale = np.max(np.abs(draws), axis=0)
-    return spread <= _CONSTANT_ATOL + _CONSTANT_RTOL * scale
-
-
 def _reference_metrics(
     name: str,
     idata: Any,
@@ -119,7 +109,7 @@ def _reference_metrics(
             )
     ref, labels = flatten_draws(reference)
     q, _ = flatten_draws(approx, list(reference))
-    constant = _constant_components(ref)
+    constant = constant_columns(ref)
     skipped = {}
     for j in np.flatnonzero(constant):
         value = float(ref[0, j])
@@ -213,8 +203,8 @@ def compare_approximations(
             f"{type(approximations).__name__}"
         )
     if model is not None:
-        _check_model_call(
-            "compare_approximations", model, args, kwargs, _options(compare_approximations)
+        check_model_call(
+            "compare_approximations", model, args, kwargs, options(compare_approximations)
         )
     ref = None if reference is None else reference_arrays(reference)
     fit_results = dict(fit_results or {})

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 __all__ = ["VectorizationWarning", "to_arviz"]
 
-import difflib
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,14 +34,12 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from . import _arviz
+from ._checks import check_full_plates, check_model_call, options, sample_sites
 
 _DRAW_PLATE = "_pyro_flowvi_draws"
-# words users coming from Predictive or MCMC type for to_arviz's options
-_SYNONYMS = {"num_samples": "num_draws", "samples": "num_draws", "draws": "num_draws"}
 
 
 class VectorizationWarning(UserWarning):
@@ -79,14 +75,6 @@ def _is_factor(site: dict[str, Any]) -> bool:
     return site["is_observed"] and bool(site["infer"].get("is_auxiliary", False))
 
 
-def _sample_sites(trace: Trace) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (n, s)
-        for n, s in trace.nodes.items()
-        if s["type"] == "sample" and not site_is_subsample(s)
-    ]
-
-
 def _site_log_prob(site: dict[str, Any]) -> Tensor:
     log_prob = site["fn"].log_prob(site["value"])
     return scale_and_mask(log_prob, site["scale"], site["mask"])
@@ -107,124 +95,11 @@ def _max_plate_nesting(*traces: Trace) -> int:
     dims = [
         -frame.dim
         for trace in traces
-        for _, site in _sample_sites(trace)
+        for _, site in sample_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.dim is not None
     ]
     return max(dims, default=0)
-
-
-def _subsampled_frames(trace: Trace) -> dict[str, tuple[int, int]]:
-    """``{plate: (size, full_size)}`` of the subsampled plates of a trace."""
-    return {
-        frame.name: (frame.size, frame.full_size)
-        for _, site in _sample_sites(trace)
-        for frame in site["cond_indep_stack"]
-        if frame.full_size is not None and frame.size != frame.full_size
-    }
-
-
-def _check_full_plates(
-    guide_trace: Trace, model_trace: Trace, model: Callable, args: tuple, kwargs: dict
-) -> None:
-    """Raise if a plate is subsampled, saying whether the guide or the model subsamples it.
-
-    A Pyro autoguide builds its plates from the model trace of its first call and keeps their
-    subsample sizes; replayed against it, the model takes the guide's mini-batch indices even
-    when it is given the full data set.
-    """
-    subsampled = _subsampled_frames(model_trace)
-    if not subsampled:
-        return
-    plate, (size, full_size) = next(iter(subsampled.items()))
-    by_guide = plate in guide_trace.nodes and site_is_subsample(guide_trace.nodes[plate])
-    by_guide = by_guide and plate in _subsampled_frames(guide_trace)
-    try:
-        by_model: bool | None = plate in _subsampled_frames(
-            poutine.trace(model).get_trace(*args, **kwargs)
-        )
-    except Exception:  # the prior cannot be sampled (e.g. an improper site): do not guess
-        by_model = None
-    needs = "to_arviz needs every observation (LOO scores each one)"
-    if by_model:
-        raise ValueError(
-            f"to_arviz: the model subsamples plate {plate!r} to {size} of {full_size} with "
-            f"these arguments; {needs}: pass the arguments under which the model uses the "
-            "full data set (no mini-batch size)"
-        )
-    fix = (
-        f"build the guide with plates that follow the model's arguments, e.g. "
-        f"AutoNormal(model, create_plates=fn) where fn(*args, **kwargs) returns "
-        f"pyro.plate({plate!r}, {full_size}, subsample_size=<the batch size in args>), "
-        "so that it uses the full plate when the model does"
-    )
-    if by_guide and by_model is False:
-        raise ValueError(
-            f"to_arviz: the guide subsamples plate {plate!r} to {size} of {full_size} "
-            "although the model, called with these arguments, uses the full plate: the "
-            f"guide froze the mini-batch size it was first called with ({size}), as Pyro "
-            f"autoguides do when trained on mini-batches; {needs}. To fix it, {fix}"
-        )
-    raise ValueError(
-        f"to_arviz: plate {plate!r} is subsampled to {size} of {full_size}; {needs}. Pass "
-        "the full data set; if you did, the guide froze the mini-batch size of its first "
-        f"call (Pyro autoguides do): {fix}"
-    )
-
-
-def _signature(fn: Callable) -> inspect.Signature | None:
-    """The call signature of a model (``forward`` for an ``nn.Module``), if Python knows it."""
-    try:
-        return inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn)
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_model_call(
-    caller: str, model: Callable, args: tuple, kwargs: Mapping[str, Any], options: Sequence[str]
-) -> None:
-    """Raise a clear ``TypeError`` before drawing if ``model(*args, **kwargs)`` cannot bind.
-
-    Keywords that are not ``caller``'s own ``options`` go to the model; one the model does not
-    take is most likely a misspelt option (``num_samples`` for ``num_draws``), so the error
-    names the closest option.
-    """
-    if not callable(model):
-        raise TypeError(f"{caller}: the model must be callable, got {type(model).__name__}")
-    signature = _signature(model)
-    if signature is None:
-        return
-    name = getattr(model, "__name__", None) or type(model).__name__
-    params = signature.parameters.values()
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        for key in kwargs:
-            if key in signature.parameters:
-                continue
-            guess = _SYNONYMS.get(key) or next(
-                iter(difflib.get_close_matches(key, options, n=1, cutoff=0.6)), None
-            )
-            hint = f"; did you mean {guess!r}?" if guess else ""
-            raise TypeError(
-                f"{caller}: unknown keyword {key!r}: it is not an option of {caller} "
-                f"({', '.join(options)}), and the model {name}{signature} does not take it"
-                f"{hint}"
-            )
-    try:
-        signature.bind(*args, **kwargs)
-    except TypeError as error:
-        raise TypeError(
-            f"{caller}: the model {name}{signature} cannot be called with "
-            f"{len(args)} positional arguments and keywords {sorted(kwargs)}: {error}"
-        ) from None
-
-
-def _options(fn: Callable) -> list[str]:
-    """The keyword-only options of one of this package's functions."""
-    return [
-        p.name
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
 
 
 def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
@@ -238,7 +113,7 @@ def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
         },
     )
     unguided = []
-    for name, site in _sample_sites(model_trace):
+    for name, site in sample_sites(model_trace):
         if _is_factor(site):
             continue
         value = site["value"]
@@ -281,14 +156,14 @@ def _per_draw(x: Tensor, num_draws: int, shape: torch.Size, site: str) -> Tensor
 def _log_prob_shapes(trace: Trace) -> dict[str, torch.Size]:
     return {
         name: _site_log_prob(site).shape
-        for name, site in _sample_sites(trace)
+        for name, site in sample_sites(trace)
         if not _is_deterministic(site)
     }
 
 
 def _sum_per_draw(trace: Trace, shapes: dict[str, torch.Size], num_draws: int) -> Tensor:
     total = torch.zeros(num_draws)
-    for name, site in _sample_sites(trace):
+    for name, site in sample_sites(trace):
         if name in shapes:
             lp = _per_draw(_site_log_prob(site), num_draws, shapes[name], name)
             total = total.to(lp) + lp.reshape(num_draws, -1).sum(1)
@@ -335,7 +210,7 @@ def _check_lp(model: Callable, args: tuple, kwargs: dict, chunk: dict, layout: _
     trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
     lp = sum(
         float(_site_log_prob(site).sum())
-        for _, site in _sample_sites(trace)
+        for _, site in sample_sites(trace)
         if not _is_deterministic(site)
     )
     expected = float(chunk["lp"][0])
@@ -460,10 +335,10 @@ def to_arviz(
         raise ValueError(f"to_arviz: chunk_size must be a positive int, got {chunk_size!r}")
     if not callable(guide):
         raise TypeError(f"to_arviz: the guide must be callable, got {type(guide).__name__}")
-    _check_model_call("to_arviz", model, args, kwargs, _options(to_arviz))
+    check_model_call("to_arviz", model, args, kwargs, options(to_arviz))
     with torch.no_grad():
         guide_trace, model_trace = _traces(guide, model, args, kwargs)
-        _check_full_plates(guide_trace, model_trace, model, args, kwargs)
+        check_full_plates(guide_trace, model_trace, model, args, kwargs)
         layout = _layout(guide_trace, model_trace)
         draws = _draw_chunks(guide, model, args, kwargs, layout, num_draws, chunk_size, parallel)
 

@@ -27,23 +27,22 @@ from typing import Any
 import numpy as np
 
 from . import _arviz
-from ._draws import Component, check_aligned, components, is_arviz, reference_arrays, values
-
-#: Quantiles of each source's draws that set the axis limits.
-LIMIT_QUANTILES = (0.005, 0.995)
-_REFERENCE_COLOR = "black"
-# draws behind one KDE and one contour set: enough for a smooth curve, fast to evaluate
-_KDE_DRAWS = 2000
-_GRID = 200
-
-
-def _check_arviz(obj: Any, caller: str, what: str) -> None:
-    if not is_arviz(obj):
-        hint = "; convert a guide with to_arviz(guide, model, *args)" if callable(obj) else ""
-        raise TypeError(
-            f"{caller}: {what} must be an ArviZ object (InferenceData or DataTree, the output "
-            f"of to_arviz), got {type(obj).__name__}{hint}"
-        )
+from ._draws import is_arviz
+from ._plotting import (
+    GRID,
+    REFERENCE_COLOR,
+    as_reference,
+    check_arviz,
+    draw_contours,
+    draw_marginal,
+    figure_legend,
+    gather,
+    interquartile,
+    note_constants,
+    robust_limits,
+    shared_names,
+    subsample,
+)
 
 
 def _elbo_trace(obj: Any) -> np.ndarray:
@@ -76,10 +75,6 @@ def _running_median(
     return steps[left:right], smooth[left:right]
 
 
-def _iqr(x: np.ndarray) -> float:
-    return float(np.subtract(*np.quantile(x, [0.75, 0.25]))) if x.size else 0.0
-
-
 def _elbo_limits(
     settled: dict[str, np.ndarray], smoothed: dict[str, np.ndarray]
 ) -> tuple[float, float, list[str]]:
@@ -100,7 +95,7 @@ def _elbo_limits(
     for name in order[1:]:
         spread = max(
             medians[order[0]] - medians[kept[-1]],
-            max(_iqr(finite[k]) for k in kept),
+            max(interquartile(finite[k]) for k in kept),
             0.1 * abs(medians[order[0]]),
             1e-3,
         )
@@ -111,7 +106,7 @@ def _elbo_limits(
     smooth = [smoothed[k][np.isfinite(smoothed[k])] for k in kept]
     lo = min(float(np.min(x)) for x in smooth if x.size)
     hi = max(float(np.max(x)) for x in smooth if x.size)
-    noise = 2.0 * max(_iqr(finite[k]) for k in kept)
+    noise = 2.0 * max(interquartile(finite[k]) for k in kept)
     lo, hi = lo - noise, hi + noise
     pad = 0.05 * max(hi - lo, 1e-9 * max(1.0, abs(hi)))
     return lo - pad, hi + pad, below
@@ -188,7 +183,7 @@ def plot_elbo(
     # one unnamed run needs a legend only to say that it is below the axis
     if several or below:
         if own_figure:
-            _figure_legend(fig, handles, labels)
+            figure_legend(fig, handles, labels)
         else:
             ax.legend(handles, labels, loc="best", fontsize="small")
     ax.set_xlabel("step")
@@ -199,110 +194,6 @@ def plot_elbo(
         )
     ax.grid(alpha=0.3)
     return fig
-
-
-def _as_reference(reference: Any) -> Any:
-    """Reference draws as an ArviZ object or ``{name: (chain, draw, *shape)}`` arrays."""
-    if is_arviz(reference):
-        return reference
-    return reference_arrays(reference)
-
-
-def _shared_names(primary: Any, reference: Any) -> list[str]:
-    """The reference's variables, in the approximation's order (then the reference's)."""
-    ref_names = (
-        _arviz.var_names(reference, "posterior") if is_arviz(reference) else list(reference)
-    )
-    own = _arviz.var_names(primary, "posterior")
-    return [n for n in own if n in ref_names] + [n for n in ref_names if n not in own]
-
-
-def _limits(samples: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Axis limits covering the 0.5%-99.5% quantiles of every sample, padded by 5%."""
-    lows, highs = [], []
-    for x in samples:
-        x = x[np.isfinite(x)]
-        if x.size:
-            lows.append(float(np.quantile(x, LIMIT_QUANTILES[0])))
-            highs.append(float(np.quantile(x, LIMIT_QUANTILES[1])))
-    if not lows:
-        return -1.0, 1.0
-    lo, hi = min(lows), max(highs)
-    if hi - lo <= 1e-12 * max(1.0, abs(lo)):
-        return lo - 0.5 * max(1.0, abs(lo)), hi + 0.5 * max(1.0, abs(hi))
-    pad = 0.05 * (hi - lo)
-    nonnegative = all(np.all(x[np.isfinite(x)] >= 0) for x in samples)
-    return (max(lo - pad, 0.0) if nonnegative else lo - pad), hi + pad
-
-
-def _subsample(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[0] <= size:
-        return x
-    # fixed positions, not a random draw: the figure does not depend on a global seed
-    return x[np.linspace(0, x.shape[0] - 1, size).round().astype(int)]
-
-
-def _density(x: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Gaussian KDE of ``x`` on ``grid``, reflected at 0 for non-negative draws."""
-    from scipy.stats import gaussian_kde
-
-    x = _subsample(x[np.isfinite(x)], _KDE_DRAWS)
-    if x.size < 2 or np.ptp(x) <= 1e-12 * max(1.0, float(np.max(np.abs(x)))):
-        return None
-    kde = gaussian_kde(x)
-    density = kde(grid)
-    if np.all(x >= 0):
-        density = density + kde(-grid)
-    return density
-
-
-def _marginal(ax: Any, x: np.ndarray, grid: np.ndarray, **style: Any) -> Any:
-    density = _density(x, grid)
-    if density is None:  # a constant: a vertical line at its value
-        return ax.axvline(float(np.median(x)), **style)
-    return ax.plot(grid, density, **style)[0]
-
-
-def _gather(
-    primary: Any,
-    others: Mapping[str, Any],
-    reference: Any | None,
-    var_names: Sequence[str] | None,
-    coords: Mapping[str, Sequence[Any]] | None,
-    caller: str,
-) -> tuple[list[Component], dict[str, list[np.ndarray]], list[np.ndarray | None]]:
-    """Components of ``primary`` and the draws of every source, aligned by coordinates."""
-    comps = components(primary, var_names, coords, caller)
-    draws = {}
-    for label, obj in others.items():
-        for var in {c.var for c in comps}:
-            check_aligned(primary, obj, var, f"approximation {label!r}", caller)
-        draws[label] = [values(obj, c) for c in comps]
-    ref_draws: list[np.ndarray | None] = [None] * len(comps)
-    if reference is not None:
-        present = set(
-            _arviz.var_names(reference, "posterior") if is_arviz(reference) else reference
-        )
-        for var in {c.var for c in comps} & present:
-            check_aligned(primary, reference, var, "reference", caller)
-        ref_draws = [values(reference, c) if c.var in present else None for c in comps]
-    return comps, draws, ref_draws
-
-
-def _figure_legend(fig: Any, handles: list[Any], labels: list[str]) -> Any:
-    """A legend above the panels, in as many columns as fit the figure's width."""
-    renderer = fig.canvas.get_renderer()
-    width = fig.get_window_extent(renderer).width
-    legend = None
-    for ncols in range(len(labels), 0, -1):
-        if legend is not None:
-            legend.remove()
-        legend = fig.legend(
-            handles, labels, loc="outside upper center", ncols=ncols, frameon=False
-        )
-        if legend.get_window_extent(renderer).width <= 0.98 * width:
-            break
-    return legend
 
 
 def plot_marginals(
@@ -348,14 +239,16 @@ def plot_marginals(
             f"{approximations!r:.80}"
         )
     for label, obj in approximations.items():
-        _check_arviz(obj, "plot_marginals", f"approximation {label!r}")
-    ref = None if reference is None else _as_reference(reference)
+        check_arviz(obj, "plot_marginals", f"approximation {label!r}")
+    ref = None if reference is None else as_reference(reference)
     primary = next(iter(approximations.values()))
     if var_names is None and ref is not None:
-        var_names = _shared_names(primary, ref)
-    comps, draws, ref_draws = _gather(
+        var_names = shared_names(primary, ref)
+    comps, draws, ref_draws, constants = gather(
         primary, approximations, ref, var_names, coords, "plot_marginals"
     )
+    if not comps:
+        raise ValueError(f"plot_marginals: every component is constant: {constants}")
     if len(comps) > max_panels:
         raise ValueError(
             f"plot_marginals: {len(comps)} panels is more than max_panels={max_panels}; "
@@ -375,10 +268,10 @@ def plot_marginals(
         sources = [d[j] for d in draws.values()]
         if ref_draws[j] is not None:
             sources.append(ref_draws[j])
-        lo, hi = _limits(sources)
-        grid = np.linspace(lo, hi, _GRID)
+        lo, hi = robust_limits(sources)
+        grid = np.linspace(lo, hi, GRID)
         for i, label in enumerate(draws):
-            handles[label] = _marginal(
+            handles[label] = draw_marginal(
                 ax,
                 draws[label][j],
                 grid,
@@ -388,11 +281,11 @@ def plot_marginals(
                 label=label,
             )
         if ref_draws[j] is not None:
-            handles["reference"] = _marginal(
+            handles["reference"] = draw_marginal(
                 ax,
                 ref_draws[j],
                 grid,
-                color=_REFERENCE_COLOR,
+                color=REFERENCE_COLOR,
                 linewidth=1.6,
                 linestyle="--",
                 zorder=3,
@@ -404,33 +297,9 @@ def plot_marginals(
         ax.set_title(comp.label, fontsize="medium")
     for ax in axes.flat[len(comps) :]:
         ax.set_visible(False)
-    _figure_legend(fig, list(handles.values()), list(handles))
+    figure_legend(fig, list(handles.values()), list(handles))
+    note_constants(fig, constants)
     return fig
-
-
-def _contours(ax: Any, x: np.ndarray, y: np.ndarray, xlim: tuple, ylim: tuple) -> Any | None:
-    """Reference density contours enclosing 50%, 80% and 95% of its draws (None if flat)."""
-    from scipy.stats import gaussian_kde
-
-    points = _subsample(np.stack([x, y])[:, np.all(np.isfinite([x, y]), axis=0)].T, _KDE_DRAWS).T
-    if points.shape[1] < 3:
-        return None
-    try:
-        kde = gaussian_kde(points)
-    except np.linalg.LinAlgError:  # singular: the draws lie on a line
-        return None
-    gx, gy = np.meshgrid(np.linspace(*xlim, 80), np.linspace(*ylim, 80))
-    density = kde(np.stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
-    at_draws = kde(points)
-    levels = np.unique(np.quantile(at_draws, [0.05, 0.2, 0.5]))
-    if levels.size < 2 or not np.all(np.isfinite(levels)):
-        return None
-    contour = ax.contour(
-        gx, gy, density, levels=levels, colors=_REFERENCE_COLOR, linewidths=1.0, zorder=3
-    )
-    contour.set_label("reference")
-    contour.set_gid("reference")
-    return contour
 
 
 def plot_pair(
@@ -471,11 +340,11 @@ def plot_pair(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    _check_arviz(idata, "plot_pair", "idata")
-    ref = None if reference is None else _as_reference(reference)
+    check_arviz(idata, "plot_pair", "idata")
+    ref = None if reference is None else as_reference(reference)
     if var_names is None and ref is not None:
-        var_names = _shared_names(idata, ref)
-    comps, draws, ref_draws = _gather(
+        var_names = shared_names(idata, ref)
+    comps, draws, ref_draws, constants = gather(
         idata, {"approximation": idata}, ref, var_names, coords, "plot_pair"
     )
     k = len(comps)
@@ -485,8 +354,10 @@ def plot_pair(
             f"{k} ({[c.label for c in comps][:12]}); select with var_names or coords"
         )
     approx = draws["approximation"]
+    if label is None:
+        label = str(_arviz.group_attrs(idata, "posterior").get("approximation", "approximation"))
     limits = [
-        _limits([approx[j]] + ([ref_draws[j]] if ref_draws[j] is not None else []))
+        robust_limits([approx[j]] + ([ref_draws[j]] if ref_draws[j] is not None else []))
         for j in range(k)
     ]
     size = min(2.2 * k, 12.0)
@@ -499,22 +370,22 @@ def plot_pair(
                 ax.set_visible(False)
                 continue
             if row == col:
-                grid = np.linspace(*limits[col], _GRID)
-                _marginal(
+                grid = np.linspace(*limits[col], GRID)
+                draw_marginal(
                     ax,
                     approx[col],
                     grid,
                     color="C0",
                     linewidth=1.4,
                     zorder=2,
-                    label="approximation",
+                    label=label,
                 )
                 if ref_draws[col] is not None:
-                    _marginal(
+                    draw_marginal(
                         ax,
                         ref_draws[col],
                         grid,
-                        color=_REFERENCE_COLOR,
+                        color=REFERENCE_COLOR,
                         linewidth=1.6,
                         zorder=3,
                         label="reference",
@@ -522,7 +393,7 @@ def plot_pair(
                 ax.set_yticks([])
                 ax.set_ylim(bottom=0.0)
             else:
-                x, y = _subsample(approx[col], max_draws), _subsample(approx[row], max_draws)
+                x, y = subsample(approx[col], max_draws), subsample(approx[row], max_draws)
                 ax.scatter(
                     x,
                     y,
@@ -532,10 +403,10 @@ def plot_pair(
                     linewidths=0,
                     zorder=1,
                     rasterized=True,
-                    label="approximation",
+                    label=label,
                 )
                 if ref_draws[col] is not None and ref_draws[row] is not None:
-                    _contours(ax, ref_draws[col], ref_draws[row], limits[col], limits[row])
+                    draw_contours(ax, ref_draws[col], ref_draws[row], limits[col], limits[row])
                 ax.set_ylim(limits[row])
             ax.set_xlim(limits[col])
             if row == k - 1:
@@ -546,17 +417,16 @@ def plot_pair(
                 ax.set_ylabel(comps[row].label)
             elif row != col:
                 ax.tick_params(labelleft=False)
-    if label is None:
-        label = str(_arviz.group_attrs(idata, "posterior").get("approximation", "approximation"))
     handles = [Line2D([], [], marker="o", linestyle="", color="C0", label=label)]
     if any(r is not None for r in ref_draws):
         handles.append(
             Line2D(
                 [],
                 [],
-                color=_REFERENCE_COLOR,
+                color=REFERENCE_COLOR,
                 label="reference (contours enclose 50, 80, 95%)",
             )
         )
-    _figure_legend(fig, handles, [h.get_label() for h in handles])
+    figure_legend(fig, handles, [h.get_label() for h in handles])
+    note_constants(fig, constants)
     return fig
