@@ -27,7 +27,8 @@ def test_example_runs_and_writes_its_outputs(example, tmp_path):
     finally:
         torch.set_num_threads(threads)
     table = out["table"]
-    assert list(table.index) == list(example.GUIDES)
+    assert list(table.index) == list(example.GUIDES) + [f"{g}, resampled" for g in example.GUIDES]
+    assert not table["resampled"].iloc[:4].any() and table["resampled"].iloc[4:].all()
     assert table["khat"].notna().all() and table["wasserstein"].notna().all()
     for filename in ("comparison.csv", "elbo.png", "marginals.png", "funnel.png"):
         assert (tmp_path / filename).stat().st_size > 0

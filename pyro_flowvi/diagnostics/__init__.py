@@ -14,6 +14,7 @@ from .compare import (
 )
 from .convert import VectorizationWarning, to_arviz
 from .plots import plot_elbo, plot_marginals, plot_pair
+from .predictive import PosteriorSamples, sample_posterior
 from .report import (
     MIN_KHAT_DRAWS,
     VIDiagnostics,
@@ -25,9 +26,13 @@ from .report import (
     vi_diagnostics,
     vi_loo,
 )
+from .resample import PROPOSALS_PER_DRAW, PSISResample, psis_resample
 
 __all__ = [
     "MIN_KHAT_DRAWS",
+    "PROPOSALS_PER_DRAW",
+    "PSISResample",
+    "PosteriorSamples",
     "VIDiagnosticWarning",
     "VIDiagnostics",
     "VILoo",
@@ -41,6 +46,8 @@ __all__ = [
     "plot_elbo",
     "plot_marginals",
     "plot_pair",
+    "psis_resample",
+    "sample_posterior",
     "to_arviz",
     "vi_diagnostics",
     "vi_loo",

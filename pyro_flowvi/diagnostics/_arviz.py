@@ -25,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "FIT_GROUP",
+    "PROPOSALS_GROUP",
     "arviz_major",
     "coord_values",
     "dataset",
@@ -47,6 +48,9 @@ import numpy as np
 
 #: Name of the group that holds the ELBO trace of a fit (dimension ``step``).
 FIT_GROUP = "vi_fit"
+#: Name of the group that holds the log importance ratios of the proposals behind
+#: importance-resampled draws (dimension ``proposal``).
+PROPOSALS_GROUP = "vi_proposals"
 
 _SAMPLE_DIMS = ("chain", "draw")
 

@@ -157,6 +157,8 @@ def compare_approximations(
     per_parameter: bool = False,
     wasserstein_draws: int = 1000,
     seed: int = 0,
+    resample: bool | str = False,
+    num_proposals: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """Tabulate the quality of several approximations of one posterior.
@@ -177,12 +179,18 @@ def compare_approximations(
             parameter.
         wasserstein_draws: subsample size of the multivariate Wasserstein distance.
         seed: seed of that subsampling.
+        resample: convert guides with PSIS importance resampling
+            (``to_arviz(..., resample=True)``): the reference metrics then score the
+            resampled draws, while ``khat`` and the other diagnostics judge the guide's
+            proposals.
+        num_proposals: proposals per guide when resampling (default ``10 * num_draws``).
         **kwargs: keyword arguments of the model and guides.
 
     Returns:
         A :class:`pandas.DataFrame` indexed by name with columns ``elbo``, ``elbo_mcse``,
         ``iw_elbo``, ``khat``, ``khat_lo`` and ``khat_hi`` (its 90% interval),
-        ``khat_threshold``, ``verdict``, ``uncertain``, ``is_ess``, ``fit_time`` and, with a
+        ``khat_threshold``, ``verdict``, ``uncertain``, ``resampled`` (the row scores
+        importance-resampled draws), ``is_ess``, ``fit_time`` and, with a
         reference, ``num_params`` (scalar parameters compared), ``mean_err_max``,
         ``mean_err_avg``, ``sd_err_max`` (in reference sd units), ``w1_marginal`` and
         ``wasserstein`` (reference-standardized scale). Reference components that are
@@ -227,6 +235,8 @@ def compare_approximations(
                 *args,
                 num_draws=num_draws,
                 fit_result=fit_results.get(name),
+                resample=resample,
+                num_proposals=num_proposals,
                 **kwargs,
             )
         report = vi_diagnostics(idata, warn=False)
@@ -240,6 +250,7 @@ def compare_approximations(
             "khat_threshold": report.khat_threshold,
             "verdict": report.verdict,
             "uncertain": report.uncertain,
+            "resampled": _arviz.has_group(idata, _arviz.PROPOSALS_GROUP),
             "is_ess": report.is_ess,
             "fit_time": math.nan if report.fit_time is None else report.fit_time,
         }

@@ -259,7 +259,8 @@ def plot_marginals(
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(2.8 * ncols, 2.1 * nrows + 0.5),
+        # at least 6.5 inches wide, so that a long legend does not dwarf one or two panels
+        figsize=(max(2.8 * ncols, 6.5), 2.1 * nrows + 0.5),
         layout="constrained",
         squeeze=False,
     )

@@ -261,7 +261,10 @@ def _check_arviz(obj: Any, caller: str) -> None:
 
 
 def _log_weights(idata: Any, caller: str) -> np.ndarray:
+    """The log importance ratios of the guide's own draws (the proposals, if resampled)."""
     _check_arviz(idata, caller)
+    if _arviz.has_group(idata, _arviz.PROPOSALS_GROUP):
+        return _arviz.sample_values(idata, _arviz.PROPOSALS_GROUP, "log_weight").reshape(-1)
     try:
         log_weight = _arviz.sample_values(idata, "sample_stats", "log_weight")
     except KeyError as error:
@@ -281,7 +284,9 @@ def vi_diagnostics(idata: Any, *, warn: bool = True) -> VIDiagnostics:
 
     Arguments:
         idata: the output of :func:`~pyro_flowvi.diagnostics.to_arviz` (any ArviZ object whose
-            ``sample_stats`` has ``log_weight``).
+            ``sample_stats`` has ``log_weight``). For importance-resampled draws
+            (``to_arviz(..., resample=True)``) the report judges the guide from the log
+            weights of all its proposals (group ``vi_proposals``), not from the kept draws.
         warn: emit a :class:`VIDiagnosticWarning` when k-hat is at or above the threshold.
 
     Returns:
@@ -398,6 +403,14 @@ def vi_loo(idata: Any, var_name: str | None = None, *, warn: bool = True) -> VIL
     Returns:
         A :class:`VILoo`.
     """
+    if type(idata).__name__ in ("InferenceData", "DataTree") and _arviz.has_group(
+        idata, _arviz.PROPOSALS_GROUP
+    ):
+        raise ValueError(
+            "vi_loo needs the guide's own draws with their importance weights, but this "
+            "object holds importance-resampled draws (to_arviz(..., resample=True)); convert "
+            "the guide again with resample=False"
+        )
     log_weight = _log_weights(idata, "vi_loo")
     names = _arviz.var_names(idata, "log_likelihood")
     if var_name is None:
