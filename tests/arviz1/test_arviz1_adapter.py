@@ -38,7 +38,7 @@ EXPECTED = {
 
 
 def _load():
-    """Import _arviz.py, report.py and plots.py without pyro_flowvi/__init__ (needs torch)."""
+    """Import the torch-free modules without pyro_flowvi/__init__ (which needs torch)."""
     if "_fvd_isolated" not in sys.modules:
         package = types.ModuleType("_fvd_isolated")
         package.__path__ = [str(DIAGNOSTICS)]
@@ -46,10 +46,11 @@ def _load():
     adapter = importlib.import_module("_fvd_isolated._arviz")
     report = importlib.import_module("_fvd_isolated.report")
     plots = importlib.import_module("_fvd_isolated.plots")
-    return adapter, report, plots
+    resample = importlib.import_module("_fvd_isolated.resample")
+    return adapter, report, plots, resample
 
 
-adapter, report, plots = _load()
+adapter, report, plots, resample = _load()
 S = 2000
 U = (np.arange(S) + 0.5) / S  # a deterministic quantile grid
 
@@ -182,3 +183,13 @@ def test_plots_of_arviz_objects(tmp_path):
         assert len(fig.axes[0].get_lines()) == 2
     finally:
         plt.close("all")
+
+
+def test_psis_resample_on_either_arviz():
+    _, log_p, log_q, _ = _vi_fixture()
+    rng = np.random.default_rng(0)
+    picked = resample.psis_resample(log_p - log_q, 500, rng=rng)
+    assert picked.khat == pytest.approx(EXPECTED["khat"], abs=0.02)
+    assert np.unique(picked.indices).size == 500 and not picked.replace
+    np.testing.assert_allclose(np.exp(picked.log_weights).sum(), 1.0)
+    assert picked.is_ess == pytest.approx(EXPECTED["is_ess"], rel=1e-4)
