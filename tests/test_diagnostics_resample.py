@@ -26,6 +26,7 @@ from pyro_flowvi.diagnostics import (
     vi_diagnostics,
     vi_loo,
 )
+from pyro_flowvi.diagnostics.resample import _gumbel_top
 
 N, D = 20, 2
 
@@ -154,25 +155,23 @@ def test_resampling_a_bad_guide_warns_that_it_cannot_be_trusted(conj):
     assert samples.khat > samples.khat_threshold
 
 
-def test_psis_resample_without_replacement_follows_successive_sampling():
+def test_sampling_without_replacement_follows_successive_sampling():
+    """Gumbel top-k draws k of M as if one at a time, each proportional to what is left."""
     rng = np.random.default_rng(0)
     weights = np.array([0.5, 0.3, 0.2])
     reps = 20000
-    first = np.array(
-        [psis_resample(np.log(weights), 1, rng=rng, warn=False).indices[0] for _ in range(reps)]
-    )
+    first = np.array([_gumbel_top(np.log(weights), 1, rng)[0] for _ in range(reps)])
     counts = np.bincount(first, minlength=3)
     se = np.sqrt(reps * weights * (1 - weights))
     assert np.all(np.abs(counts - reps * weights) < 4 * se)
-    # two of three: the pair left out is {2} w.p. P(0,1) + P(1,0) = .5*.3/.5 + .3*.5/.7
-    pairs = [
-        frozenset(psis_resample(np.log(weights), 2, rng=rng, warn=False).indices)
-        for _ in range(reps)
-    ]
+    # two of three: {0, 1} w.p. P(0 then 1) + P(1 then 0) = .5 * .3 / .5 + .3 * .5 / .7
+    pairs = [frozenset(_gumbel_top(np.log(weights), 2, rng)) for _ in range(reps)]
     p01 = 0.5 * 0.3 / 0.5 + 0.3 * 0.5 / 0.7
-    assert abs(sum(p == {0, 1} for p in pairs) - reps * p01) < 4 * math.sqrt(
-        reps * p01 * (1 - p01)
-    )
+    hits = sum(p == {0, 1} for p in pairs)
+    assert abs(hits - reps * p01) < 4 * math.sqrt(reps * p01 * (1 - p01))
+    # psis_resample uses it whenever R <= M
+    picked = psis_resample(np.log(rng.random(100)), 40, rng=rng, warn=False)
+    assert not picked.replace and np.unique(picked.indices).size == 40
 
 
 def test_psis_resample_with_replacement_and_errors():
