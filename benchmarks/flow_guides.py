@@ -49,7 +49,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from pyro.poutine.util import site_is_subsample
 
 from pyro_flowvi.benchmarks.synthetic import TARGETS, Target
-from pyro_flowvi.flows.iaf import IAF
+from pyro_flowvi.flows import FLOWS, build_flows
 from pyro_flowvi.guides import (
     AutoHouseholderGuide,
     AutoIAFGuide,
@@ -61,26 +61,27 @@ from pyro_flowvi.guides import (
 # By Markov's inequality P(IW-ELBO > log Z + t) <= exp(-t) for a correct guide.
 IW_MARGIN = math.log(1000.0)
 
-# Layer counts of our guides' defaults; the Pyro counterparts are built with the same ones.
-NUM_PLANAR = 8
-NUM_RADIAL = 8
-NUM_SYLVESTER = 4
-NUM_IAF = 3
+# Our guides' defaults come from the flow registry; the Pyro counterparts are built with the
+# same layer counts and widths.
+NUM_PLANAR = FLOWS["planar"].defaults["num_transforms"]
+NUM_RADIAL = FLOWS["radial"].defaults["num_transforms"]
+NUM_SYLVESTER = FLOWS["sylvester-householder"].defaults["num_transforms"]
+NUM_IAF = FLOWS["iaf"].defaults["num_transforms"]
 
 
 def num_reflections(dim: int) -> int:
     """AutoHouseholderGuide's default number of reflections."""
-    return min(dim, 16)
+    return build_flows("householder", dim)[-1].num_reflections
 
 
 def num_sylvester_reflections(dim: int) -> int:
     """Reflections per Q of our Householder-variant Sylvester layer (its default)."""
-    return min(dim, 8)
+    return build_flows("sylvester-householder", dim, num_transforms=1)[0].num_householder
 
 
 def iaf_hidden_dims(dim: int) -> list[int]:
     """Hidden widths of our IAF layer's default MADE."""
-    return list(IAF(dim).made.hidden_dims)
+    return list(build_flows("iaf", dim, num_transforms=1)[0].made.hidden_dims)
 
 
 def _pyro_householder(dim: int) -> torch.nn.Module:

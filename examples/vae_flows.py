@@ -50,9 +50,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import ClippedAdam
 from torch import nn
 
-from pyro_flowvi.amortized import FLOW_FAMILIES, FlowEncoder
+from pyro_flowvi.amortized import FlowEncoder, conditional_families
 
-FAMILY_NAMES = {family: family or "gaussian" for family in FLOW_FAMILIES}
+FAMILY_NAMES = {family: family or "gaussian" for family in conditional_families()}
 NUM_TEST = 300
 
 
@@ -259,7 +259,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     families = [None if f == "gaussian" else f for f in args.families.split(",")]
     for family in families:
-        if family not in FLOW_FAMILIES:
+        if family not in conditional_families():
             names = ",".join(FAMILY_NAMES.values())
             raise ValueError(f"--families: unknown family {family!r}; choose from {names}")
     os.makedirs(args.outdir, exist_ok=True)

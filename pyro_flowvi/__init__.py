@@ -16,8 +16,11 @@ from .guides import (
     AutoFlowGuide,
     AutoHouseholderGuide,
     AutoIAFGuide,
+    AutoNAFGuide,
+    AutoNeuralSplineGuide,
     AutoPlanarGuide,
     AutoRadialGuide,
+    AutoRealNVPGuide,
     AutoSylvesterGuide,
 )
 
@@ -28,8 +31,11 @@ __all__ = [
     "AutoFlowGuide",
     "AutoHouseholderGuide",
     "AutoIAFGuide",
+    "AutoNAFGuide",
+    "AutoNeuralSplineGuide",
     "AutoPlanarGuide",
     "AutoRadialGuide",
+    "AutoRealNVPGuide",
     "AutoSylvesterGuide",
     "FitResult",
     "FlowDistribution",

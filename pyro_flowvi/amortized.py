@@ -39,9 +39,9 @@ References:
 from __future__ import annotations
 
 __all__ = [
-    "FLOW_FAMILIES",
     "AutoAmortizedFlowGuide",
     "FlowEncoder",
+    "conditional_families",
     "conditional_flows",
 ]
 
@@ -61,24 +61,28 @@ from torch import Tensor, nn
 
 from ._util import is_discrete, plate_batch_shape
 from .distributions import FlowDistribution
-from .flows import Compose, ElementwiseAffine, Flow, Reverse
-from .flows.householder import Householder
-from .flows.iaf import IAF
-from .flows.planar import Planar
-from .flows.radial import Radial
-from .flows.sylvester import Sylvester
+from .flows import FLOWS, Compose, ElementwiseAffine, Flow, as_flow, build_flows
 
-#: The values of ``flow`` understood by :class:`FlowEncoder` and :func:`conditional_flows`.
-FLOW_FAMILIES: tuple[str | None, ...] = (
-    None,
-    "planar",
-    "radial",
-    "householder",
-    "iaf",
-    "sylvester-orthogonal",
-    "sylvester-householder",
-    "sylvester-triangular",
-)
+
+def conditional_families() -> tuple[str | None, ...]:
+    """The values of ``flow`` that :class:`FlowEncoder`, :class:`AutoAmortizedFlowGuide` and
+    :func:`conditional_flows` accept: ``None`` (a plain Gaussian encoder) and every family of
+    :data:`pyro_flowvi.flows.FLOWS` that takes a context."""
+    return (None, *sorted(name for name, family in FLOWS.items() if family.takes_context))
+
+
+def _is_built(flow: object) -> bool:
+    """A built conditional flow: our :class:`Flow`, a zuko flow or lazy transform."""
+    return isinstance(flow, nn.Module) and not isinstance(flow, type)
+
+
+def _check_family(site: str, family: object, built: bool = False) -> None:
+    if built and _is_built(family):
+        return
+    families = conditional_families()
+    if family not in families:
+        extra = ", or a built conditional flow (zuko or pyro_flowvi)" if built else ""
+        raise ValueError(f"{site}: flow must be one of {list(families)}{extra}, got {family!r}")
 
 
 # median() / quantiles(): draws x rows x latent size held at once
@@ -98,58 +102,36 @@ def conditional_flows(
     num_transforms: int = 4,
     **options: Any,
 ) -> list[Flow]:
-    """Build ``num_transforms`` conditional layers of one family (van den Berg et al., 2018).
+    """Build ``num_transforms`` conditional layers of one registered family.
 
     Arguments:
-        family: one of :data:`FLOW_FAMILIES`; ``None`` gives no layer (a plain Gaussian
+        family: one of :func:`conditional_families`; ``None`` gives no layer (a plain Gaussian
             encoder).
         latent_dim: D, the size of the latent.
         context_dim: size of the context that every layer reads its parameters from.
-        num_transforms: K, the number of layers. IAF layers are separated by a reversal of the
-            coordinates; triangular Sylvester layers alternate between the identity and the
-            reversal as :math:`Q`.
-        **options: passed to each layer's constructor, e.g. ``hidden_dims`` for IAF or
-            ``num_ortho_vectors`` / ``num_householder`` for Sylvester.
+        num_transforms: K, the number of layers (for an encoder, 4 by default, whatever the
+            family's global default).
+        **options: the family's options (its ``defaults`` in :data:`~pyro_flowvi.flows.FLOWS`),
+            e.g. ``hidden_dims`` for IAF or ``num_ortho_vectors`` for Sylvester.
 
     Returns:
-        The list of layers, each with ``input_dim == latent_dim`` and ``context_dim`` set.
+        The list of layers, each with ``input_dim == latent_dim`` and ``context_dim`` set
+        (the family's stack, e.g. reversals between IAF layers).
 
     Example:
         >>> layers = conditional_flows("sylvester-orthogonal", 8, context_dim=64)
         >>> flow = Compose([ElementwiseAffine(8, context_dim=64), *layers])
     """
     site = "conditional_flows"
-    if family not in FLOW_FAMILIES:
-        raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {family!r}")
+    _check_family(site, family)
     _check_positive_int(site, "num_transforms", num_transforms)
     if family is None:
         if options:
             raise ValueError(f"{site}: flow=None takes no flow options, got {sorted(options)}")
         return []
-    layers: list[Flow] = []
-    for k in range(num_transforms):
-        if family == "planar":
-            layers.append(Planar(latent_dim, context_dim=context_dim, **options))
-        elif family == "radial":
-            layers.append(Radial(latent_dim, context_dim=context_dim, **options))
-        elif family == "householder":
-            layers.append(Householder(latent_dim, context_dim=context_dim, **options))
-        elif family == "iaf":
-            if k:
-                layers.append(Reverse(latent_dim))
-            layers.append(IAF(latent_dim, context_dim=context_dim, **options))
-        else:
-            variant = family.split("-", 1)[1]
-            layers.append(
-                Sylvester(
-                    latent_dim,
-                    variant=variant,
-                    flip=bool(k % 2),
-                    context_dim=context_dim,
-                    **options,
-                )
-            )
-    return layers
+    return build_flows(
+        family, latent_dim, context_dim=context_dim, num_transforms=num_transforms, **options
+    )
 
 
 class FlowEncoder(nn.Module):
@@ -165,10 +147,13 @@ class FlowEncoder(nn.Module):
         latent_dim: size of the latent :math:`z`.
         hidden_dims: widths of the MLP; the last one is the context size. Empty: the data
             point itself is the context.
-        flow: one of :data:`FLOW_FAMILIES`: ``None`` (plain Gaussian), ``"planar"``,
-            ``"radial"``, ``"householder"``, ``"iaf"``, ``"sylvester-orthogonal"``,
-            ``"sylvester-householder"``, ``"sylvester-triangular"``.
-        num_transforms: K, the number of flow layers.
+        flow: one of :func:`conditional_families` (``None`` for a plain Gaussian, or a
+            registered family such as ``"iaf"``, ``"sylvester-orthogonal"``,
+            ``"spline-autoregressive"``), or a built conditional flow whose context size is the
+            last hidden width: a zuko flow (``zuko.flows.NSF(latent_dim,
+            context=hidden_dims[-1])``, wrapped by :func:`pyro_flowvi.flows.as_flow`) or a
+            :class:`~pyro_flowvi.flows.Flow` built with that ``context_dim``.
+        num_transforms: K, the number of flow layers of a family.
         activation: the MLP's nonlinearity (a module class), default ``nn.ELU``.
         init_loc: initial :math:`\mu` (float or ``(latent_dim,)``), the bias of its head.
         init_scale: initial :math:`\sigma > 0`.
@@ -231,12 +216,13 @@ class FlowEncoder(nn.Module):
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:
             _check_positive_int(site, f"hidden_dims entry (in {hidden_dims})", width)
-        if flow not in FLOW_FAMILIES:
-            raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {flow!r}")
+        _check_family(site, flow, built=True)
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
+        if _is_built(flow) and flow_options:
+            raise ValueError(f"{site}: flow_options apply to a family name, not to {flow!r}")
         self.hidden_dims = hidden_dims
-        self.family = flow
+        self.family = type(flow).__name__ if _is_built(flow) else flow
         self.num_transforms = _check_positive_int(site, "num_transforms", num_transforms)
         modules: list[nn.Module] = []
         width = input_dim
@@ -248,7 +234,11 @@ class FlowEncoder(nn.Module):
         gaussian = ElementwiseAffine(
             latent_dim, loc=init_loc, scale=float(init_scale), context_dim=width
         )
-        layers = conditional_flows(flow, latent_dim, width, num_transforms, **(flow_options or {}))
+        if _is_built(flow):  # e.g. zuko.flows.NSF(latent_dim, context=context_dim)
+            layers = [as_flow(flow, latent_dim, context_dim=width)]
+        else:
+            options = flow_options or {}
+            layers = conditional_flows(flow, latent_dim, width, num_transforms, **options)
         self.flow = Compose([gaussian, *layers])
 
     def context(self, x: Tensor) -> Tensor:
@@ -267,7 +257,7 @@ class FlowEncoder(nn.Module):
         base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
         return FlowDistribution(base, self.flow, h)
 
-    def sample(self, name: str, x: Tensor) -> Tensor:
+    def sample(self, name: str, x: Tensor, *, stick_the_landing: bool = False) -> Tensor:
         r"""``pyro.sample`` site ``name`` from :math:`q(z \mid x)`, draw and :math:`\log q` from
         one forward pass.
 
@@ -281,6 +271,8 @@ class FlowEncoder(nn.Module):
             name: the site name (the model's latent site).
             x: data of shape ``batch_shape + (input_dim,)``, inside the plate(s) of
                 ``batch_shape``.
+            stick_the_landing: drop the score term from the gradient of :math:`\log q` (see
+                :meth:`~pyro_flowvi.distributions.FlowDistribution.rsample_and_log_prob`).
 
         Returns:
             The draw, of shape ``outer_plates + batch_shape + (latent_dim,)``.
@@ -288,7 +280,7 @@ class FlowEncoder(nn.Module):
         q = self(x)
         active = plate_batch_shape()
         outer = active[: max(len(active) - len(q.batch_shape), 0)]
-        z, log_q = q.rsample_and_log_prob(outer)
+        z, log_q = q.rsample_and_log_prob(outer, stick_the_landing=stick_the_landing)
         return pyro.sample(name, dist.Delta(z, log_density=log_q, event_dim=1))
 
     def extra_repr(self) -> str:
@@ -339,7 +331,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         plate: name of the plate that holds the local latents.
         data_fn: ``(*args, **kwargs) -> Tensor`` giving the data that drives the encoder, one
             row per plate element; default: the model's first positional argument.
-        flow: the flow family, one of :data:`FLOW_FAMILIES`.
+        flow: the flow family, one of :func:`conditional_families`, or a built conditional
+            flow (see :class:`FlowEncoder`).
         num_transforms: number of flow layers.
         hidden_dims: widths of the encoder MLP.
         flow_options: keyword arguments for every flow layer.
@@ -349,6 +342,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`; needed when the model
             passes its own ``subsample`` indices or its plate size changes between calls.
         summary_samples: draws per data row behind :meth:`median` and :meth:`quantiles`.
+        stick_the_landing: the "sticking the landing" gradient for :math:`\log q` (Roeder et
+            al., 2017; see :class:`~pyro_flowvi.AutoFlowGuide`); one extra inverse pass.
 
     Raises:
         ValueError: at the first call, naming the plate or site, when the plate holds no
@@ -370,12 +365,17 @@ class AutoAmortizedFlowGuide(AutoGuide):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
         summary_samples: int = 1000,
+        stick_the_landing: bool = False,
     ) -> None:
         site = type(self).__name__
+        if not isinstance(stick_the_landing, bool):
+            raise ValueError(
+                f"{site}: stick_the_landing must be True or False, got {stick_the_landing!r}"
+            )
+        self.stick_the_landing = stick_the_landing
         if not isinstance(plate, str):
             raise ValueError(f"{site}: plate must be the name of a pyro.plate, got {plate!r}")
-        if flow not in FLOW_FAMILIES:
-            raise ValueError(f"{site}: flow must be one of {list(FLOW_FAMILIES)}, got {flow!r}")
+        _check_family(site, flow, built=True)
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"{site}: init_scale must be a number > 0, got {init_scale!r}")
         if data_fn is not None and not callable(data_fn):
@@ -509,7 +509,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
             x = x.to(dtype=next(encoder.parameters()).dtype)
             active = plate_batch_shape()
             outer = active[: len(active) + dim]  # plates around this one, e.g. particles
-            z, log_q = encoder(x).rsample_and_log_prob(outer)
+            z, log_q = encoder(x).rsample_and_log_prob(
+                outer, stick_the_landing=self.stick_the_landing
+            )
             shape = outer + torch.Size([x.shape[0]] + [1] * (-dim - 1))
             z = pyro.sample(
                 f"_{self._pyro_name}_latent",

@@ -17,15 +17,15 @@ from torch.autograd.functional import jacobian
 
 from pyro_flowvi import AutoIAFGuide
 from pyro_flowvi.amortized import (
-    FLOW_FAMILIES,
     AutoAmortizedFlowGuide,
     FlowEncoder,
+    conditional_families,
     conditional_flows,
 )
 from pyro_flowvi.distributions import FlowDistribution
 from pyro_flowvi.flows import Compose, ElementwiseAffine, Flow
 
-FAMILIES = list(FLOW_FAMILIES)
+FAMILIES = list(conditional_families())
 
 
 def _randomize(module: nn.Module, scale: float = 0.4) -> None:
@@ -483,3 +483,63 @@ def test_autoguidelist_median_and_quantiles_with_the_amortized_guide():
     torch.testing.assert_close(median["z"], u.median(0).values, atol=0.1, rtol=0)
     with pytest.raises(ValueError, match="quantiles must be"):
         guide[1].quantiles([1.5], x)
+
+
+@pytest.mark.parametrize("family", [None, "planar", "iaf-affine", "sylvester-triangular"])
+def test_stick_the_landing_gradient_vanishes_for_an_exact_encoder(family):
+    # z_n ~ N(0, 1), x_n ~ N(z_n, s^2): q(z | x) = N(x / (1 + s^2), s^2 / (1 + s^2)) is linear
+    # in x, which an encoder without hidden layers holds exactly (its flow at the identity).
+    s2 = 0.25
+    x = torch.randn(7, 1)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, s2**0.5).to_event(1), obs=x)
+
+    largest = {}
+    for stl in (True, False):
+        encoder = FlowEncoder(1, 1, hidden_dims=(), flow=family, num_transforms=2)
+        with torch.no_grad():
+            head = encoder.flow.layers[0].head
+            head.weight.zero_()
+            head.weight[0, 0] = 1 / (1 + s2)  # loc = x / (1 + s^2)
+            sd = torch.tensor((s2 / (1 + s2)) ** 0.5)
+            head.bias.copy_(torch.stack([torch.tensor(0.0), sd + torch.log(-torch.expm1(-sd))]))
+
+        def guide(x, encoder=encoder, stl=stl):
+            with pyro.plate("data", x.shape[0]):
+                encoder.sample("z", x, stick_the_landing=stl)
+
+        worst = 0.0
+        for _ in range(3):
+            loss = Trace_ELBO().differentiable_loss(model, guide, x)
+            grads = torch.autograd.grad(loss, list(encoder.parameters()), allow_unused=True)
+            worst = max([worst] + [g.abs().max().item() for g in grads if g is not None])
+        largest[stl] = worst
+    assert largest[True] < 1e-8, largest
+    assert largest[False] > 1e-3, largest
+
+
+def test_encoder_with_a_zuko_conditional_flow():
+    zuko = pytest.importorskip("zuko")
+    flow = zuko.flows.NSF(2, context=5, transforms=2, hidden_features=(8,))
+    encoder = FlowEncoder(4, 2, hidden_dims=(5,), flow=flow)
+    _randomize(encoder, 0.2)
+    x = torch.randn(6, 4)
+    q = encoder(x)
+    z, log_q = q.rsample_and_log_prob()
+    torch.testing.assert_close(q.log_prob(z), log_q)  # the zuko inverse agrees
+    # the density against the Jacobian of the whole stack, per batch element
+    h = encoder.context(x)
+    eps = torch.randn(6, 2)
+    for i in range(6):
+        y, ladj = encoder.flow(eps[i], h[i])
+        jac = jacobian(lambda e, i=i: encoder.flow(e, h[i])[0], eps[i])
+        torch.testing.assert_close(ladj, torch.linalg.slogdet(jac)[1])
+    with pytest.raises(ValueError, match="flow_options apply to a family name"):
+        FlowEncoder(4, 2, hidden_dims=(5,), flow=flow, flow_options={"bins": 3})
+    with pytest.raises(ValueError):  # context size 5 is not the encoder's 7
+        FlowEncoder(4, 2, hidden_dims=(7,), flow=zuko.flows.NSF(2, context=5))
+    with pytest.raises(ValueError):  # Pyro's validation is on again after the zuko import
+        dist.Normal(0.0, -1.0)

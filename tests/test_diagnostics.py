@@ -22,6 +22,7 @@ from pyro.ops.stats import fit_generalized_pareto
 
 import pyro_flowvi.diagnostics as diagnostics
 from pyro_flowvi.diagnostics import (
+    VectorizationWarning,
     VIDiagnosticWarning,
     _arviz,
     compare_approximations,
@@ -248,7 +249,8 @@ def test_non_vectorizable_guide_falls_back_to_a_loop():
         with pyro.plate("school", 2):
             pyro.sample("theta", dist.Normal(mu, 1.0))
 
-    idata = to_arviz(scalar_guide, plated_model, y, num_draws=6)
+    with pytest.warns(VectorizationWarning, match="only one element tensors"):
+        idata = to_arviz(scalar_guide, plated_model, y, num_draws=6)
     assert _arviz.sample_values(idata, "posterior", "theta").shape == (1, 6, 2)
     with pytest.raises(Exception, match="a Tensor with 6 elements|only one element"):
         to_arviz(scalar_guide, plated_model, y, num_draws=6, parallel=True)
@@ -271,7 +273,7 @@ def test_to_arviz_rejects_unguided_latents_subsampling_and_bad_draws(conj):
     def guide(y):
         pyro.sample("mu", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ValueError, match="'y' is in plate 'data' subsampled to 3 of 10"):
+    with pytest.raises(ValueError, match="the model subsamples plate 'data' to 3 of 10"):
         to_arviz(guide, subsampled, torch.zeros(10), num_draws=5)
 
 

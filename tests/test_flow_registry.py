@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from pyro_flowvi.flows import (
     FLOWS,
     IAF,
+    Compose,
     ElementwiseAffine,
     Flow,
     FlowFamily,
@@ -178,3 +181,23 @@ def test_sylvester_layers_keep_their_own_defaults():
     # None in the family defaults means "the layer's default", exactly as the guides did.
     (layer,) = build_flows("sylvester-householder", 10, num_transforms=1)
     assert isinstance(layer, Sylvester) and layer.num_householder == 8
+
+
+#: Every family's default stack at D = 10,000 holds fewer parameters than this (5,000 per
+#: latent dimension): the default widths are capped, so sizes grow linearly in D.
+MAX_DEFAULT_PARAMETERS = 50_000_000
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_default_stacks_stay_linear_in_the_dimension(name):
+    torch.set_default_dtype(torch.float32)  # half the memory; the conftest restores float64
+    d = 10_000
+    start = time.perf_counter()
+    layers = build_flows(name, d)
+    seconds = time.perf_counter() - start
+    count = sum(p.numel() for layer in layers for p in layer.parameters())
+    assert count < MAX_DEFAULT_PARAMETERS, f"{name}: {count:,} parameters at D = {d}"
+    assert seconds < 20, f"{name}: {seconds:.1f} s to build at D = {d}"
+    # And one forward pass works at that size.
+    y, ladj = Compose(layers)(torch.randn(2, d))
+    assert y.shape == (2, d) and bool(ladj.isfinite().all())

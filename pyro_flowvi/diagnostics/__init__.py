@@ -12,30 +12,42 @@ from .compare import (
     marginal_wasserstein,
     wasserstein_distance,
 )
-from .convert import to_arviz
+from .convert import VectorizationWarning, to_arviz
 from .plots import plot_elbo, plot_marginals, plot_pair
+from .predictive import PosteriorSamples, sample_posterior
 from .report import (
+    MIN_KHAT_DRAWS,
     VIDiagnostics,
     VIDiagnosticWarning,
     VILoo,
+    khat_interval,
     khat_threshold,
     khat_verdict,
     vi_diagnostics,
     vi_loo,
 )
+from .resample import PROPOSALS_PER_DRAW, PSISResample, psis_resample
 
 __all__ = [
+    "MIN_KHAT_DRAWS",
+    "PROPOSALS_PER_DRAW",
+    "PSISResample",
+    "PosteriorSamples",
     "VIDiagnosticWarning",
     "VIDiagnostics",
     "VILoo",
+    "VectorizationWarning",
     "compare_approximations",
     "flatten_draws",
+    "khat_interval",
     "khat_threshold",
     "khat_verdict",
     "marginal_wasserstein",
     "plot_elbo",
     "plot_marginals",
     "plot_pair",
+    "psis_resample",
+    "sample_posterior",
     "to_arviz",
     "vi_diagnostics",
     "vi_loo",

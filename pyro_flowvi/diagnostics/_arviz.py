@@ -16,23 +16,24 @@ Differences handled here:
   ``psislw`` is written for leave-one-out and *negates its input* (it expects
   log-likelihoods), so it receives ``-log_ratios``. 1.x's ``pareto_khat(log_weights=True)``
   does not fit the right tail of the weights and is not used.
-- Plots: 0.x's ``plot_density`` / ``plot_pair`` versus ``arviz_plots.plot_dist`` /
-  ``plot_pair`` (which return plot collections); both give back a matplotlib figure here.
+
+The plots (:mod:`.plots`) draw with matplotlib from the NumPy arrays this module returns, so
+they look the same on both.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "FIT_GROUP",
+    "PROPOSALS_GROUP",
     "arviz_major",
+    "coord_values",
     "dataset",
     "from_groups",
     "group_attrs",
     "group_names",
     "has_group",
     "import_arviz",
-    "plot_marginals",
-    "plot_pair",
     "psislw",
     "sample_values",
     "var_dims",
@@ -47,6 +48,9 @@ import numpy as np
 
 #: Name of the group that holds the ELBO trace of a fit (dimension ``step``).
 FIT_GROUP = "vi_fit"
+#: Name of the group that holds the log importance ratios of the proposals behind
+#: importance-resampled draws (dimension ``proposal``).
+PROPOSALS_GROUP = "vi_proposals"
 
 _SAMPLE_DIMS = ("chain", "draw")
 
@@ -183,6 +187,14 @@ def sample_values(obj: Any, group: str, var: str) -> np.ndarray:
     return np.asarray(da.values)
 
 
+def coord_values(obj: Any, group: str, var: str, dim: str) -> np.ndarray:
+    """Return the coordinate values of one dimension of a variable (``0..n-1`` if it has none)."""
+    da = dataset(obj, group)[var]
+    if dim in da.coords:
+        return np.asarray(da.coords[dim].values)
+    return np.arange(da.sizes[dim])
+
+
 def var_dims(obj: Any, group: str, var: str) -> tuple[str, ...]:
     """Return the dimension names of a variable, sample dimensions excluded."""
     da = dataset(obj, group)[var]
@@ -234,106 +246,3 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lw = np.where(flat[..., None], -np.log(log_ratios.shape[-1]), lw)
         khat = np.where(flat, -np.inf, khat)
     return lw, khat
-
-
-def _figure_of(result: Any) -> Any:
-    """Return the matplotlib figure behind an ArviZ plot result (axes or plot collection)."""
-    viz = getattr(result, "viz", None)
-    if viz is not None:
-        for key in ("figure", "chart"):
-            if key in viz:
-                return viz[key].item()
-        raise TypeError(f"cannot find the figure of {type(result).__name__}")
-    axes = np.asarray(result, dtype=object).ravel()
-    return axes[0].get_figure()
-
-
-def plot_marginals(objects: Mapping[str, Any], var_names: Sequence[str] | None = None) -> Any:
-    """Overlay the 1-D posterior marginals of several ArviZ objects.
-
-    Arguments:
-        objects: ``{label: InferenceData or DataTree}``, each with a ``posterior`` group.
-        var_names: variables to show (default: all of the first object's).
-
-    Returns:
-        The matplotlib figure.
-    """
-    az = import_arviz()
-    names = list(var_names) if var_names is not None else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if arviz_major() >= 1:
-            import arviz_plots as azp
-
-            result = azp.plot_dist(
-                dict(objects), var_names=names, kind="kde", backend="matplotlib"
-            )
-            fig = _figure_of(result)
-            result.add_legend("model")
-        else:
-            result = az.plot_density(
-                list(objects.values()),
-                data_labels=list(objects),
-                var_names=names,
-                shade=0.1,
-                hdi_prob=0.999,
-            )
-            fig = _figure_of(result)
-    return fig
-
-
-def plot_pair(
-    obj: Any,
-    var_names: Sequence[str] | None = None,
-    reference: Any | None = None,
-    coords: Mapping[str, Any] | None = None,
-) -> Any:
-    """Pair plot of one approximation, with reference draws underneath when given.
-
-    Arguments:
-        obj: an InferenceData or DataTree with a ``posterior`` group.
-        var_names: variables to show (default: all).
-        reference: an ArviZ object with reference draws, drawn first in grey (0.x) or as a
-            second model (1.x).
-        coords: coordinates to select, e.g. ``{"school": [0, 1]}``.
-
-    Returns:
-        The matplotlib figure.
-    """
-    az = import_arviz()
-    names = list(var_names) if var_names is not None else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if arviz_major() >= 1:
-            import arviz_plots as azp
-
-            data = (
-                {"approximation": obj}
-                if reference is None
-                else {
-                    "reference": reference,
-                    "approximation": obj,
-                }
-            )
-            result = azp.plot_pair(data, var_names=names, coords=coords, backend="matplotlib")
-            return _figure_of(result)
-        axes = None
-        if reference is not None:
-            axes = az.plot_pair(
-                reference,
-                var_names=names,
-                coords=coords,
-                marginals=True,
-                scatter_kwargs={"color": "0.6", "alpha": 0.2, "label": "reference"},
-                marginal_kwargs={"color": "0.6"},
-            )
-        axes = az.plot_pair(
-            obj,
-            var_names=names,
-            coords=coords,
-            marginals=True,
-            ax=axes,
-            scatter_kwargs={"color": "C0", "alpha": 0.3, "label": "approximation"},
-            marginal_kwargs={"color": "C0"},
-        )
-    return _figure_of(axes)

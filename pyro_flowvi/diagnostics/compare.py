@@ -31,60 +31,13 @@ from typing import Any
 import numpy as np
 
 from . import _arviz
+from ._checks import check_model_call, options
+from ._draws import constant_columns, flatten_draws, is_arviz, reference_arrays
 from .convert import to_arviz
 from .report import vi_diagnostics
 
-
-def _is_arviz(obj: Any) -> bool:
-    return type(obj).__name__ in ("InferenceData", "DataTree")
-
-
-def _reference_arrays(reference: Any) -> dict[str, np.ndarray]:
-    """Reference draws as ``{name: (chain, draw, *shape)}`` from any accepted form."""
-    if _is_arviz(reference):
-        names = _arviz.var_names(reference, "posterior")
-        return {n: _arviz.sample_values(reference, "posterior", n) for n in names}
-    draws = getattr(reference, "reference", reference)
-    if not isinstance(draws, Mapping):
-        raise TypeError(
-            "reference must be an ArviZ object, a ReferencePosterior or a mapping "
-            f"{{name: array (chain, draw, ...)}}, got {type(reference).__name__}"
-        )
-    out = {}
-    for name, value in draws.items():
-        array = np.asarray(value, dtype=np.float64)
-        if array.ndim < 2:
-            raise ValueError(
-                f"reference draws of {name!r} need shape (chain, draw, ...), got {array.shape}"
-            )
-        out[str(name)] = array
-    return out
-
-
-def flatten_draws(
-    draws: Mapping[str, np.ndarray], names: list[str] | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Stack variables of shape ``(chain, draw, *shape)`` into a matrix of scalar parameters.
-
-    Arguments:
-        draws: ``{name: array (chain, draw, *shape)}``.
-        names: the variables to take, in order (default: all).
-
-    Returns:
-        ``(matrix of shape (chain * draw, P), labels)`` with labels ``"mu"``, ``"theta[0]"``,
-        ``"L[1,0]"`` (0-based indices).
-    """
-    names = list(draws) if names is None else names
-    columns, labels = [], []
-    for name in names:
-        array = np.asarray(draws[name], dtype=np.float64)
-        shape = array.shape[2:]
-        columns.append(array.reshape(array.shape[0] * array.shape[1], -1))
-        if not shape:
-            labels.append(name)
-        else:
-            labels += [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
-    return np.concatenate(columns, axis=1), labels
+# an approximation agrees with such a constant up to float32 rounding of a transform
+_AGREE_TOL = 1e-5
 
 
 def marginal_wasserstein(x: np.ndarray, y: np.ndarray) -> float:
@@ -133,36 +86,53 @@ def wasserstein_distance(
 
 
 def _reference_metrics(
+    name: str,
     idata: Any,
     reference: dict[str, np.ndarray],
     per_parameter: bool,
     wasserstein_draws: int,
     seed: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
     posterior = set(_arviz.var_names(idata, "posterior"))
     missing = [n for n in reference if n not in posterior]
     if missing:
         raise ValueError(
-            f"the approximation has no posterior variables {missing} that the reference has; "
-            f"it has {sorted(posterior)}"
+            f"the approximation {name!r} has no posterior variables {missing} that the "
+            f"reference has; it has {sorted(posterior)}"
         )
     approx = {n: _arviz.sample_values(idata, "posterior", n) for n in reference}
-    for name in reference:
-        if approx[name].shape[2:] != reference[name].shape[2:]:
+    for var in reference:
+        if approx[var].shape[2:] != reference[var].shape[2:]:
             raise ValueError(
-                f"posterior variable {name!r} has shape {approx[name].shape[2:]}, the "
-                f"reference has {reference[name].shape[2:]}"
+                f"posterior variable {var!r} of {name!r} has shape {approx[var].shape[2:]}, "
+                f"the reference has {reference[var].shape[2:]}"
             )
     ref, labels = flatten_draws(reference)
     q, _ = flatten_draws(approx, list(reference))
+    constant = constant_columns(ref)
+    skipped = {}
+    for j in np.flatnonzero(constant):
+        value = float(ref[0, j])
+        deviation = float(np.max(np.abs(q[:, j] - value)))
+        if deviation > _AGREE_TOL * max(1.0, abs(value)):
+            raise ValueError(
+                f"compare_approximations: the approximation {name!r} moves {labels[j]} by up "
+                f"to {deviation:.3g}, where the reference draws are constant ({value:g}); "
+                "they do not describe the same parameter"
+            )
+        skipped[labels[j]] = value
+    if np.all(constant):
+        raise ValueError(f"all reference components {labels} are constant: nothing to compare")
+    keep = ~constant
+    ref, q = ref[:, keep], q[:, keep]
+    labels = [label for label, k in zip(labels, keep, strict=True) if k]
     ref_mean, ref_sd = ref.mean(0), ref.std(0, ddof=1)
-    if np.any(ref_sd <= 0):
-        raise ValueError(f"reference draws of {np.array(labels)[ref_sd <= 0]} are constant")
     mean_err = np.abs(q.mean(0) - ref_mean) / ref_sd
     sd_err = np.abs(q.std(0, ddof=1) - ref_sd) / ref_sd
     z_ref = (ref - ref_mean) / ref_sd
     z_q = (q - ref_mean) / ref_sd
     row = {
+        "num_params": len(labels),
         "mean_err_max": float(mean_err.max()),
         "mean_err_avg": float(mean_err.mean()),
         "sd_err_max": float(sd_err.max()),
@@ -174,7 +144,7 @@ def _reference_metrics(
     if per_parameter:
         row.update({f"mean_err[{lab}]": float(e) for lab, e in zip(labels, mean_err, strict=True)})
         row.update({f"sd_err[{lab}]": float(e) for lab, e in zip(labels, sd_err, strict=True)})
-    return row
+    return row, skipped
 
 
 def compare_approximations(
@@ -187,6 +157,8 @@ def compare_approximations(
     per_parameter: bool = False,
     wasserstein_draws: int = 1000,
     seed: int = 0,
+    resample: bool | str = False,
+    num_proposals: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """Tabulate the quality of several approximations of one posterior.
@@ -207,23 +179,54 @@ def compare_approximations(
             parameter.
         wasserstein_draws: subsample size of the multivariate Wasserstein distance.
         seed: seed of that subsampling.
+        resample: convert guides with PSIS importance resampling
+            (``to_arviz(..., resample=True)``): the reference metrics then score the
+            resampled draws, while ``khat`` and the other diagnostics judge the guide's
+            proposals.
+        num_proposals: proposals per guide when resampling (default ``10 * num_draws``).
         **kwargs: keyword arguments of the model and guides.
 
     Returns:
         A :class:`pandas.DataFrame` indexed by name with columns ``elbo``, ``elbo_mcse``,
-        ``iw_elbo``, ``khat``, ``khat_threshold``, ``verdict``, ``is_ess``, ``fit_time`` and,
-        with a reference, ``mean_err_max``, ``mean_err_avg``, ``sd_err_max`` (in reference sd
-        units), ``w1_marginal`` and ``wasserstein`` (reference-standardized scale).
+        ``iw_elbo``, ``khat``, ``khat_lo`` and ``khat_hi`` (its 90% interval),
+        ``khat_threshold``, ``verdict``, ``uncertain``, ``resampled`` (the row scores
+        importance-resampled draws), ``is_ess``, ``fit_time`` and, with a
+        reference, ``num_params`` (scalar parameters compared), ``mean_err_max``,
+        ``mean_err_avg``, ``sd_err_max`` (in reference sd units), ``w1_marginal`` and
+        ``wasserstein`` (reference-standardized scale). Reference components that are
+        structurally constant (the fixed zeros and ones of a Cholesky factor) are left out
+        of the metrics and listed, with their value, in ``table.attrs["skipped"]``.
+
+    Raises:
+        TypeError: if a keyword is neither an option nor a parameter of the model, or an
+            approximation is neither a guide nor an ArviZ object.
+        ValueError: if an approximation lacks a reference variable or its shape, or varies
+            where the reference is constant.
     """
     import pandas as pd
 
-    ref = None if reference is None else _reference_arrays(reference)
+    if not isinstance(approximations, Mapping):
+        raise TypeError(
+            "compare_approximations takes {name: guide or ArviZ object}, got "
+            f"{type(approximations).__name__}"
+        )
+    if model is not None:
+        check_model_call(
+            "compare_approximations", model, args, kwargs, options(compare_approximations)
+        )
+    ref = None if reference is None else reference_arrays(reference)
     fit_results = dict(fit_results or {})
     rows = {}
+    skipped: dict[str, float] = {}
     for name, approximation in approximations.items():
-        if _is_arviz(approximation):
+        if is_arviz(approximation):
             idata = approximation
         else:
+            if not callable(approximation):
+                raise TypeError(
+                    f"compare_approximations: {name!r} must be a guide or an ArviZ object, "
+                    f"got {type(approximation).__name__}"
+                )
             if model is None:
                 raise ValueError(f"compare_approximations: {name!r} is a guide; pass the model")
             idata = to_arviz(
@@ -232,6 +235,8 @@ def compare_approximations(
                 *args,
                 num_draws=num_draws,
                 fit_result=fit_results.get(name),
+                resample=resample,
+                num_proposals=num_proposals,
                 **kwargs,
             )
         report = vi_diagnostics(idata, warn=False)
@@ -240,12 +245,21 @@ def compare_approximations(
             "elbo_mcse": report.elbo_mcse,
             "iw_elbo": report.iw_elbo,
             "khat": report.khat,
+            "khat_lo": report.khat_interval[0],
+            "khat_hi": report.khat_interval[1],
             "khat_threshold": report.khat_threshold,
             "verdict": report.verdict,
+            "uncertain": report.uncertain,
+            "resampled": _arviz.has_group(idata, _arviz.PROPOSALS_GROUP),
             "is_ess": report.is_ess,
             "fit_time": math.nan if report.fit_time is None else report.fit_time,
         }
         if ref is not None:
-            row.update(_reference_metrics(idata, ref, per_parameter, wasserstein_draws, seed))
+            metrics, skipped = _reference_metrics(
+                name, idata, ref, per_parameter, wasserstein_draws, seed
+            )
+            row.update(metrics)
         rows[name] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.attrs["skipped"] = skipped
+    return table

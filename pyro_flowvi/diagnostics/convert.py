@@ -15,15 +15,15 @@ Pyro's autoguides, pyro-flowvi's flow guides and hand-written guide functions al
 
 Draws are produced in chunks, vectorized with an outer ``pyro.plate`` left of the model's
 plates (as ``pyro.infer.Predictive(parallel=True)`` does). Models or guides that cannot be
-vectorized fall back to a loop over draws.
+vectorized fall back to a loop over draws, with a :class:`VectorizationWarning` that says why.
 """
 
 from __future__ import annotations
 
-__all__ = ["to_arviz"]
+__all__ = ["VectorizationWarning", "to_arviz"]
 
-import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,13 +34,17 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from . import _arviz
+from ._checks import check_full_plates, check_model_call, options, sample_sites
+from .resample import PROPOSALS_PER_DRAW, PSISResample, psis_resample
 
-_LOG = logging.getLogger(__name__)
 _DRAW_PLATE = "_pyro_flowvi_draws"
+
+
+class VectorizationWarning(UserWarning):
+    """The draws could not be vectorized and are drawn one at a time (much slower)."""
 
 
 class _VectorizeError(RuntimeError):
@@ -56,6 +60,7 @@ class _Layout:
     observed: list[str] = field(default_factory=list)
     pointwise: list[str] = field(default_factory=list)
     value_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    batch_ndims: dict[str, int] = field(default_factory=dict)
     loglik_shapes: dict[str, torch.Size] = field(default_factory=dict)
     dims: dict[str, list[str]] = field(default_factory=dict)
     observed_values: dict[str, np.ndarray] = field(default_factory=dict)
@@ -70,14 +75,6 @@ def _is_deterministic(site: dict[str, Any]) -> bool:
 
 def _is_factor(site: dict[str, Any]) -> bool:
     return site["is_observed"] and bool(site["infer"].get("is_auxiliary", False))
-
-
-def _sample_sites(trace: Trace) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (n, s)
-        for n, s in trace.nodes.items()
-        if s["type"] == "sample" and not site_is_subsample(s)
-    ]
 
 
 def _site_log_prob(site: dict[str, Any]) -> Tensor:
@@ -100,7 +97,7 @@ def _max_plate_nesting(*traces: Trace) -> int:
     dims = [
         -frame.dim
         for trace in traces
-        for _, site in _sample_sites(trace)
+        for _, site in sample_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.dim is not None
     ]
@@ -118,13 +115,7 @@ def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
         },
     )
     unguided = []
-    for name, site in _sample_sites(model_trace):
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise ValueError(
-                    f"to_arviz: site {name!r} is in plate {frame.name!r} subsampled to "
-                    f"{frame.size} of {frame.full_size}; pass the full data set"
-                )
+    for name, site in sample_sites(model_trace):
         if _is_factor(site):
             continue
         value = site["value"]
@@ -135,6 +126,7 @@ def _layout(guide_trace: Trace, model_trace: Trace) -> _Layout:
             if site["is_observed"]:
                 layout.deterministic.add(name)
             layout.value_shapes[name] = value.shape
+            layout.batch_ndims[name] = len(site["fn"].batch_shape)
             layout.dims[name] = _site_dims(name, site)
             continue
         layout.observed.append(name)
@@ -167,14 +159,14 @@ def _per_draw(x: Tensor, num_draws: int, shape: torch.Size, site: str) -> Tensor
 def _log_prob_shapes(trace: Trace) -> dict[str, torch.Size]:
     return {
         name: _site_log_prob(site).shape
-        for name, site in _sample_sites(trace)
+        for name, site in sample_sites(trace)
         if not _is_deterministic(site)
     }
 
 
 def _sum_per_draw(trace: Trace, shapes: dict[str, torch.Size], num_draws: int) -> Tensor:
     total = torch.zeros(num_draws)
-    for name, site in _sample_sites(trace):
+    for name, site in sample_sites(trace):
         if name in shapes:
             lp = _per_draw(_site_log_prob(site), num_draws, shapes[name], name)
             total = total.to(lp) + lp.reshape(num_draws, -1).sum(1)
@@ -221,7 +213,7 @@ def _check_lp(model: Callable, args: tuple, kwargs: dict, chunk: dict, layout: _
     trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
     lp = sum(
         float(_site_log_prob(site).sum())
-        for _, site in _sample_sites(trace)
+        for _, site in sample_sites(trace)
         if not _is_deterministic(site)
     )
     expected = float(chunk["lp"][0])
@@ -241,7 +233,9 @@ def _draw_chunks(
     num_draws: int,
     chunk_size: int,
     parallel: bool | None,
-) -> dict[str, Tensor]:
+    caller: str,
+    stacklevel: int,
+) -> tuple[dict[str, Tensor], bool]:
     dim = -(layout.max_plate_nesting + 1)
     chunks: list[dict[str, Tensor]] = []
     done = 0
@@ -259,16 +253,164 @@ def _draw_chunks(
         except Exception as error:
             if parallel:
                 raise
-            _LOG.info("to_arviz: drawing one at a time, vectorization failed: %s", error)
+            # Pyro appends a table of trace shapes to its errors: the first line is the reason
+            reason = (str(error).strip().splitlines() or [""])[0]
+            warnings.warn(
+                f"{caller}: the draws could not be vectorized, so they are drawn one at a "
+                f"time, which is much slower. The reason: {type(error).__name__}: {reason}. "
+                "Make the model and guide broadcast over a batch dimension left of their "
+                "plates (no Python floats or .item() of sampled values, a pyro.plate for "
+                "every batch dimension), or pass parallel=False to loop without this warning",
+                VectorizationWarning,
+                stacklevel=stacklevel,
+            )
             parallel = False
             break
         chunks.append(chunk)
         done += size
+    vectorized = done == num_draws
     while done < num_draws:
         guide_trace, model_trace = _traces(guide, model, args, kwargs)
         chunks.append(_collect(guide_trace, model_trace, layout, 1))
         done += 1
-    return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+    return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}, vectorized
+
+
+def check_counts(
+    caller: str,
+    num_draws: int,
+    chunk_size: int,
+    resample: bool | str,
+    num_proposals: int | None,
+) -> int:
+    """Check the draw counts and the resampling options; return the number of guide draws."""
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"{caller}: num_draws must be an int >= 2, got {num_draws!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{caller}: chunk_size must be a positive int, got {chunk_size!r}")
+    if resample not in (False, True, "psis") or not isinstance(resample, (bool, str)):
+        raise ValueError(f"{caller}: resample must be False, True or 'psis', got {resample!r}")
+    if not resample:
+        if num_proposals is not None:
+            raise ValueError(
+                f"{caller}: num_proposals={num_proposals!r} is used only with resample=True"
+            )
+        return num_draws
+    if num_proposals is None:
+        return PROPOSALS_PER_DRAW * num_draws
+    if isinstance(num_proposals, bool) or not isinstance(num_proposals, int) or num_proposals < 2:
+        raise ValueError(f"{caller}: num_proposals must be an int >= 2, got {num_proposals!r}")
+    return num_proposals
+
+
+def draw(
+    guide: Callable,
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_draws: int,
+    chunk_size: int,
+    parallel: bool | None,
+    caller: str,
+    stacklevel: int,
+) -> tuple[_Layout, dict[str, Tensor], bool]:
+    """Check the guide and the plates, then draw: ``(layout, draws, vectorized)``.
+
+    ``stacklevel`` is that of a warning issued by the caller itself (2: the caller's caller).
+
+    ``draws`` holds ``lp``, ``log_q``, ``posterior/<site>`` and ``log_likelihood/<site>``,
+    each with the draws along the first axis.
+    """
+    if not callable(guide):
+        raise TypeError(f"{caller}: the guide must be callable, got {type(guide).__name__}")
+    with torch.no_grad():
+        guide_trace, model_trace = _traces(guide, model, args, kwargs)
+        check_full_plates(guide_trace, model_trace, model, args, kwargs)
+        layout = _layout(guide_trace, model_trace)
+        draws, vectorized = _draw_chunks(
+            guide,
+            model,
+            args,
+            kwargs,
+            layout,
+            num_draws,
+            chunk_size,
+            parallel,
+            caller,
+            stacklevel + 2,
+        )
+    return layout, draws, vectorized
+
+
+def predict(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    layout: _Layout,
+    latents: dict[str, Tensor],
+    sites: Sequence[str],
+    parallel: bool,
+) -> dict[str, Tensor]:
+    """Draw observed ``sites`` of the model, unconditioned, given latent draws ``(S, *shape)``.
+
+    Vectorized like the draws (an outer plate left of the model's plates); one draw at a time
+    when ``parallel`` is false or the vectorized pass fails.
+    """
+    if not sites:
+        return {}
+    num = next(iter(latents.values())).shape[0]
+    unconditioned = poutine.uncondition(model)
+    with torch.no_grad():
+        if parallel:
+            dim = -(layout.max_plate_nesting + 1)
+            data = {
+                name: value.reshape(
+                    (num,)
+                    + (1,) * (layout.max_plate_nesting - layout.batch_ndims[name])
+                    + tuple(layout.value_shapes[name])
+                )
+                for name, value in latents.items()
+            }
+            try:
+                vectorized = poutine.condition(_vectorize(unconditioned, num, dim), data=data)
+                trace = poutine.trace(vectorized).get_trace(*args, **kwargs)
+                return {
+                    name: _per_draw(
+                        trace.nodes[name]["value"],
+                        num,
+                        torch.Size(layout.observed_values[name].shape),
+                        name,
+                    )
+                    for name in sites
+                }
+            except Exception:  # as in to_arviz: a model that does not vectorize loops
+                pass
+        rows = []
+        for s in range(num):
+            conditioned = poutine.condition(
+                unconditioned, data={name: value[s] for name, value in latents.items()}
+            )
+            trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+            rows.append({name: trace.nodes[name]["value"] for name in sites})
+        return {name: torch.stack([row[name] for row in rows]) for name in sites}
+
+
+def numpy_rng() -> np.random.Generator:
+    """A NumPy generator seeded from torch's global one, so ``pyro.set_rng_seed`` fixes it."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+
+def resample_draws(
+    draws: dict[str, Tensor], num_draws: int, caller: str, stacklevel: int
+) -> tuple[dict[str, Tensor], PSISResample]:
+    """Keep ``num_draws`` of the draws by their PSIS weights (warns when k-hat is too large)."""
+    log_ratios = (draws["lp"] - draws["log_q"]).detach().cpu().double().numpy()
+    if not np.all(np.isfinite(log_ratios)):
+        bad = int(np.sum(~np.isfinite(log_ratios)))
+        raise ValueError(f"{caller}: {bad} proposals have a non-finite log importance ratio")
+    picked = psis_resample(log_ratios, num_draws, rng=numpy_rng(), stacklevel=stacklevel + 2)
+    index = torch.as_tensor(picked.indices, device=draws["lp"].device)
+    return {key: value[index] for key, value in draws.items()}, picked
 
 
 def to_arviz(
@@ -281,9 +423,19 @@ def to_arviz(
     parallel: bool | None = None,
     dims: Mapping[str, Sequence[str]] | None = None,
     coords: Mapping[str, Any] | None = None,
+    resample: bool | str = False,
+    num_proposals: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """Draw from any Pyro guide and return an ArviZ object for posterior and VI diagnostics.
+
+    With ``resample=True`` the posterior holds importance-resampled draws: ``num_proposals``
+    draws of the guide are weighted by their Pareto-smoothed importance ratios and
+    ``num_draws`` of them are kept (without replacement when ``num_draws <= num_proposals``;
+    :func:`~pyro_flowvi.diagnostics.psis_resample`), as multi-path Pathfinder does. The
+    k-hat of the proposals goes beside them, and a
+    :class:`~pyro_flowvi.diagnostics.VIDiagnosticWarning` says when it is too large for the
+    resample to be trusted.
 
     Arguments:
         guide: a fitted guide: a pyro-flowvi flow guide, a Pyro autoguide, or a guide function.
@@ -299,6 +451,10 @@ def to_arviz(
             falls back to the loop if that fails.
         dims: dimension names per variable, overriding the plate names.
         coords: coordinates of named dimensions, as in ``arviz.from_dict``.
+        resample: ``False`` (default), or ``True`` / ``"psis"`` for PSIS importance
+            resampling.
+        num_proposals: guide draws to resample from (default ``10 * num_draws``; only with
+            ``resample``).
         **kwargs: keyword arguments of ``model`` and ``guide``.
 
     Returns:
@@ -312,9 +468,26 @@ def to_arviz(
         - ``vi_fit`` (when ``fit_result`` is given): ``elbo`` over ``step``, with the fit's
           ``wall_time`` and ``num_steps`` as attributes.
 
+        With ``resample``, ``posterior``, ``sample_stats`` (which adds ``proposal``, the index
+        of each kept proposal) and ``log_likelihood`` hold the kept draws; every group has
+        the attributes ``resampled="psis"``, ``psis_khat``, ``psis_khat_threshold``,
+        ``num_proposals``, ``replace`` (0 or 1) and ``is_ess``; and the group
+        ``vi_proposals`` holds ``log_weight`` of all proposals (dimension ``proposal``),
+        from which :func:`~pyro_flowvi.diagnostics.vi_diagnostics` judges the guide.
+
     Raises:
         ValueError: if a latent site of the model is missing from the guide, a plate is
-            subsampled, or ``num_draws`` is not an int >= 2.
+            subsampled (by the model, or by a guide that froze a mini-batch size: the message
+            says which, and how to fix it), or ``num_draws`` is not an int >= 2.
+        TypeError: if a keyword is neither an option of ``to_arviz`` nor a parameter of the
+            model (a misspelt option such as ``num_samples``), or the model's signature does
+            not accept ``args``.
+
+    Warns:
+        VectorizationWarning: when ``parallel=None`` falls back to drawing one at a time,
+            with the reason.
+        VIDiagnosticWarning: with ``resample``, when the proposals' k-hat is at or above
+            ``min(1 - 1/log10(num_proposals), 0.7)``: the resample cannot be trusted.
 
     Example:
         >>> guide = AutoNormal(model)
@@ -322,39 +495,57 @@ def to_arviz(
         >>> idata = to_arviz(guide, model, data, num_draws=2000, fit_result=result)
         >>> vi_diagnostics(idata)
     """
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
-        raise ValueError(f"to_arviz: num_draws must be an int >= 2, got {num_draws!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"to_arviz: chunk_size must be a positive int, got {chunk_size!r}")
-    with torch.no_grad():
-        guide_trace, model_trace = _traces(guide, model, args, kwargs)
-        layout = _layout(guide_trace, model_trace)
-        draws = _draw_chunks(guide, model, args, kwargs, layout, num_draws, chunk_size, parallel)
+    num_guide_draws = check_counts("to_arviz", num_draws, chunk_size, resample, num_proposals)
+    check_model_call("to_arviz", model, args, kwargs, options(to_arviz))
+    layout, draws, _ = draw(
+        guide, model, args, kwargs, num_guide_draws, chunk_size, parallel, "to_arviz", 2
+    )
 
     def numpy(x: Tensor) -> np.ndarray:
         return x.detach().cpu().double().numpy()[None]
 
+    name = getattr(guide, "__name__", None) or type(guide).__name__
+    attrs: dict[str, Any] = {
+        "inference_library": "pyro",
+        "inference_library_version": pyro.__version__,
+        "approximation": str(name),
+    }
+    extra: dict[str, Any] = {}
+    stats = {}
+    if resample:
+        proposals = numpy(draws["lp"] - draws["log_q"])[0]
+        draws, picked = resample_draws(draws, num_draws, "to_arviz", 2)
+        stats["proposal"] = picked.indices[None]
+        attrs.update(
+            {
+                "resampled": "psis",
+                "psis_khat": picked.khat,
+                "psis_khat_threshold": picked.khat_threshold,
+                "num_proposals": picked.num_proposals,
+                # ints, not bools: netCDF attributes cannot hold bools
+                "replace": int(picked.replace),
+                "is_ess": picked.is_ess,
+            }
+        )
+        extra[_arviz.PROPOSALS_GROUP] = (
+            {"log_weight": (["proposal"], proposals)},
+            {"psis_khat": picked.khat, "num_proposals": picked.num_proposals},
+        )
     lp, log_q = numpy(draws["lp"]), numpy(draws["log_q"])
     groups = {
         "posterior": {n: numpy(draws["posterior/" + n]) for n in layout.latent},
-        "sample_stats": {"lp": lp, "log_q": log_q, "log_weight": lp - log_q},
+        "sample_stats": {"lp": lp, "log_q": log_q, "log_weight": lp - log_q, **stats},
         "log_likelihood": {n: numpy(draws["log_likelihood/" + n]) for n in layout.pointwise},
         "observed_data": layout.observed_values,
     }
     all_dims = {k: v for k, v in layout.dims.items() if v}
     all_dims.update({k: list(v) for k, v in (dims or {}).items()})
-    extra = None
     if fit_result is not None:
         elbo = np.asarray(fit_result.elbo_trace, dtype=np.float64)
-        extra = {
-            _arviz.FIT_GROUP: (
-                {"elbo": (["step"], elbo)},
-                {"wall_time": float(fit_result.wall_time), "num_steps": int(elbo.shape[0])},
-            )
-        }
-    name = getattr(guide, "__name__", None) or type(guide).__name__
-    attrs = {"inference_library": "pyro", "inference_library_version": pyro.__version__}
-    attrs["approximation"] = str(name)
+        extra[_arviz.FIT_GROUP] = (
+            {"elbo": (["step"], elbo)},
+            {"wall_time": float(fit_result.wall_time), "num_steps": int(elbo.shape[0])},
+        )
     return _arviz.from_groups(
-        groups, dims=all_dims, coords=coords, attrs=attrs, extra_groups=extra
+        groups, dims=all_dims, coords=coords, attrs=attrs, extra_groups=extra or None
     )

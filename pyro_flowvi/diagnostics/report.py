@@ -14,6 +14,13 @@ and the Pareto shape :math:`\hat k` of the right tail of the :math:`w_s` (PSIS).
 approximation is trusted when :math:`\hat k` is below the sample-size dependent threshold
 :math:`\min(1 - 1/\log_{10} S, 0.7)`.
 
+:math:`\hat k` is fitted to the :math:`M = \lceil\min(S/5, 3\sqrt S)\rceil` largest ratios
+and is noisy: its standard error is about :math:`(1 + \hat k)/\sqrt M` (the asymptotic
+standard error of the generalized Pareto shape, Smith 1987), 0.17 at :math:`S = 1000` and
+0.09 at :math:`S = 20000` for :math:`\hat k \approx 0.8`. The report gives the 90% interval
+:math:`\hat k \pm 1.645\,(1 + \max(\hat k, 0))/\sqrt M` and calls the verdict uncertain
+when the interval contains the threshold.
+
 References:
     Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018),
     arXiv:1802.02538.
@@ -21,14 +28,18 @@ References:
     Importance Weighted Autoencoders (Burda et al., 2016), arXiv:1509.00519.
     Bayesian Leave-One-Out Cross-Validation for Large Data (Magnusson et al., 2019),
     arXiv:1904.10679.
+    Maximum Likelihood Estimation in a Class of Nonregular Cases (Smith, 1985), Biometrika
+    72(1); Estimating Tails of Probability Distributions (Smith, 1987), Ann. Statist. 15(3).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MIN_KHAT_DRAWS",
     "VIDiagnosticWarning",
     "VIDiagnostics",
     "VILoo",
+    "khat_interval",
     "khat_threshold",
     "khat_verdict",
     "vi_diagnostics",
@@ -49,6 +60,60 @@ class VIDiagnosticWarning(UserWarning):
     """The PSIS k-hat says the variational approximation (or a LOO estimate) is unreliable."""
 
 
+#: The fewest draws whose k-hat means anything: PSIS fits the Pareto tail to
+#: ``min(S/5, 3 sqrt(S))`` ratios, fewer than 5 below 25 draws (ArviZ then returns inf).
+MIN_KHAT_DRAWS = 25
+
+# two-sided 90% normal quantile
+_Z90 = 1.6448536269514722
+
+
+def _tail_size(num_draws: int) -> int:
+    """Number of largest ratios PSIS fits the generalized Pareto tail to (ArviZ 0.x, Pyro)."""
+    return math.ceil(min(0.2 * num_draws, 3.0 * math.sqrt(num_draws)))
+
+
+def khat_interval(khat: float, num_draws: int) -> tuple[float, float]:
+    r"""A 90% interval of a PSIS k-hat from ``num_draws`` draws.
+
+    .. math::
+
+        \hat k \pm 1.645\,\frac{1 + \max(\hat k, 0)}{\sqrt M}, \qquad
+        M = \lceil \min(S/5,\, 3\sqrt S) \rceil,
+
+    from the asymptotic standard error :math:`(1 + k)/\sqrt M` of the maximum-likelihood
+    generalized Pareto shape fitted to the :math:`M` largest ratios (Smith, 1987); negative
+    k-hats get the standard error of :math:`k = 0`. On fitted guides of garch11 and eight
+    schools it was 0.86 to 1.45 times the spread of k-hat across disjoint sets of 1000 to
+    20000 draws; on garch11 the interval covered the k-hat of all 200000 draws in 83-100%
+    of the sets (docs/diagnostics.md).
+
+    Arguments:
+        khat: the k-hat.
+        num_draws: the number of draws :math:`S` it was fitted from.
+
+    Returns:
+        ``(lower, upper)``; ``(khat, khat)`` when k-hat is not finite (equal ratios give
+        ``-inf``; fewer than :data:`MIN_KHAT_DRAWS` draws give ``inf``).
+    """
+    if num_draws < 2:
+        raise ValueError(f"khat_interval: need at least 2 draws, got {num_draws}")
+    if not math.isfinite(khat):
+        return khat, khat
+    half = _Z90 * (1.0 + max(khat, 0.0)) / math.sqrt(max(_tail_size(num_draws), 1))
+    return khat - half, khat + half
+
+
+def _draws_to_settle(khat: float, boundary: float) -> int:
+    """About how many draws make the 90% interval of ``khat`` clear ``boundary``."""
+    gap = abs(khat - boundary)
+    if gap == 0.0:
+        return 10**9
+    tail = (_Z90 * (1.0 + max(khat, 0.0)) / gap) ** 2
+    # M = 3 sqrt(S) once S >= 225, M = S / 5 below
+    return max(math.ceil((tail / 3.0) ** 2), math.ceil(5.0 * tail))
+
+
 def khat_threshold(num_draws: int) -> float:
     """The sample-size dependent k-hat threshold ``min(1 - 1/log10(S), 0.7)``.
 
@@ -63,10 +128,19 @@ def khat_threshold(num_draws: int) -> float:
 def khat_verdict(khat: float, num_draws: int) -> tuple[str, str]:
     """Classify a k-hat of the importance ratios of ``num_draws`` draws.
 
+    Fewer than :data:`MIN_KHAT_DRAWS` draws are always ``"too few draws"``: their k-hat is
+    not an estimate of anything.
+
     Returns:
         ``(label, message)`` with ``label`` one of ``"good"``, ``"ok"``, ``"too few draws"``,
         ``"bad"`` and ``"very bad"``, and a sentence saying what it means.
     """
+    if num_draws < MIN_KHAT_DRAWS:
+        return "too few draws", (
+            f"k-hat needs at least {MIN_KHAT_DRAWS} draws (PSIS fits the tail of the largest "
+            f"min(S/5, 3 sqrt(S)) ratios), got {num_draws} draws; draw more from the guide "
+            "before judging it (10^4 or more for a stable verdict)"
+        )
     threshold = khat_threshold(num_draws)
     if khat <= 0.5 and khat < threshold:
         return "good", (
@@ -110,8 +184,12 @@ class VIDiagnostics:
             log evidence (a lower bound in expectation; close to it when k-hat is small).
         khat: PSIS Pareto shape of the importance ratios.
         khat_threshold: ``min(1 - 1/log10(S), 0.7)``.
-        verdict: ``"good"``, ``"ok"``, ``"too few draws"``, ``"bad"`` or ``"very bad"``.
-        message: what the verdict means.
+        verdict: ``"good"``, ``"ok"``, ``"too few draws"``, ``"bad"`` or ``"very bad"``, from
+            the k-hat itself.
+        message: what the verdict means, and whether it is uncertain.
+        khat_interval: 90% interval of k-hat (:func:`khat_interval`).
+        uncertain: whether that interval contains ``khat_threshold``: more draws could turn
+            the verdict from reliable to unreliable or back.
         is_ess: importance-sampling effective sample size ``1 / sum(w_s^2)`` of the
             PSIS-smoothed normalized weights.
         num_draws: :math:`S`.
@@ -128,6 +206,8 @@ class VIDiagnostics:
     message: str
     is_ess: float
     num_draws: int
+    khat_interval: tuple[float, float] = (math.nan, math.nan)
+    uncertain: bool = False
     fit_elbo: float | None = None
     fit_time: float | None = None
 
@@ -144,8 +224,15 @@ class VIDiagnostics:
         rows = [
             ("ELBO", f"{self.elbo:.4f} ± {self.elbo_mcse:.4f} (MCSE)"),
             ("IW-ELBO (log evidence estimate)", f"{self.iw_elbo:.4f}"),
-            ("PSIS k-hat", f"{self.khat:.3f} (threshold {self.khat_threshold:.2f})"),
-            ("verdict", f"{self.verdict}: {self.message}"),
+            (
+                "PSIS k-hat",
+                f"{self.khat:.3f}, 90% interval [{self.khat_interval[0]:.2f}, "
+                f"{self.khat_interval[1]:.2f}] (threshold {self.khat_threshold:.2f})",
+            ),
+            (
+                "verdict",
+                f"{self.verdict}{' (uncertain)' if self.uncertain else ''}: {self.message}",
+            ),
             ("IS effective sample size", f"{self.is_ess:.1f} of {self.num_draws}"),
         ]
         if self.fit_elbo is not None:
@@ -158,7 +245,26 @@ class VIDiagnostics:
         return "\n".join(lines)
 
 
-def _log_weights(idata: Any) -> np.ndarray:
+def _check_arviz(obj: Any, caller: str) -> None:
+    """Raise a TypeError saying what to pass when ``obj`` is not an ArviZ object."""
+    if type(obj).__name__ in ("InferenceData", "DataTree"):
+        return
+    hint = (
+        "; convert a guide first: idata = to_arviz(guide, model, *args)"
+        if callable(obj)
+        else " (the output of pyro_flowvi.diagnostics.to_arviz)"
+    )
+    raise TypeError(
+        f"{caller} takes an ArviZ object (InferenceData or DataTree) with a sample_stats "
+        f"group, got {type(obj).__name__}{hint}"
+    )
+
+
+def _log_weights(idata: Any, caller: str) -> np.ndarray:
+    """The log importance ratios of the guide's own draws (the proposals, if resampled)."""
+    _check_arviz(idata, caller)
+    if _arviz.has_group(idata, _arviz.PROPOSALS_GROUP):
+        return _arviz.sample_values(idata, _arviz.PROPOSALS_GROUP, "log_weight").reshape(-1)
     try:
         log_weight = _arviz.sample_values(idata, "sample_stats", "log_weight")
     except KeyError as error:
@@ -178,18 +284,29 @@ def vi_diagnostics(idata: Any, *, warn: bool = True) -> VIDiagnostics:
 
     Arguments:
         idata: the output of :func:`~pyro_flowvi.diagnostics.to_arviz` (any ArviZ object whose
-            ``sample_stats`` has ``log_weight``).
+            ``sample_stats`` has ``log_weight``). For importance-resampled draws
+            (``to_arviz(..., resample=True)``) the report judges the guide from the log
+            weights of all its proposals (group ``vi_proposals``), not from the kept draws.
         warn: emit a :class:`VIDiagnosticWarning` when k-hat is at or above the threshold.
 
     Returns:
         A :class:`VIDiagnostics` report.
     """
-    log_weight = _log_weights(idata)
+    log_weight = _log_weights(idata, "vi_diagnostics")
     num_draws = log_weight.shape[0]
     smoothed, khat = _arviz.psislw(log_weight)
     khat = float(khat)
     threshold = khat_threshold(num_draws)
     verdict, message = khat_verdict(khat, num_draws)
+    interval = khat_interval(khat, num_draws)
+    uncertain = num_draws >= MIN_KHAT_DRAWS and interval[0] < threshold <= interval[1]
+    if uncertain:
+        message = (
+            f"uncertain: the 90% interval of k-hat [{interval[0]:.2f}, {interval[1]:.2f}] "
+            f"contains the threshold {threshold:.2f}, so another {num_draws} draws could "
+            f"give the other verdict; about {_draws_to_settle(khat, 0.7):,} draws would "
+            f"settle it. {message[0].upper()}{message[1:]}"
+        )
     fit_elbo = fit_time = None
     if _arviz.has_group(idata, _arviz.FIT_GROUP):
         trace = _arviz.sample_values(idata, _arviz.FIT_GROUP, "elbo")
@@ -206,6 +323,8 @@ def vi_diagnostics(idata: Any, *, warn: bool = True) -> VIDiagnostics:
         message=message,
         is_ess=float(1.0 / np.sum(np.exp(2.0 * smoothed))),
         num_draws=num_draws,
+        khat_interval=interval,
+        uncertain=uncertain,
         fit_elbo=fit_elbo,
         fit_time=fit_time,
     )
@@ -284,7 +403,15 @@ def vi_loo(idata: Any, var_name: str | None = None, *, warn: bool = True) -> VIL
     Returns:
         A :class:`VILoo`.
     """
-    log_weight = _log_weights(idata)
+    if type(idata).__name__ in ("InferenceData", "DataTree") and _arviz.has_group(
+        idata, _arviz.PROPOSALS_GROUP
+    ):
+        raise ValueError(
+            "vi_loo needs the guide's own draws with their importance weights, but this "
+            "object holds importance-resampled draws (to_arviz(..., resample=True)); convert "
+            "the guide again with resample=False"
+        )
+    log_weight = _log_weights(idata, "vi_loo")
     names = _arviz.var_names(idata, "log_likelihood")
     if var_name is None:
         if len(names) != 1:

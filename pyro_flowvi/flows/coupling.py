@@ -1,18 +1,22 @@
-r"""Masked affine coupling layer (RealNVP with a fixed binary mask).
+r"""Masked coupling layer: a fixed binary mask, an MLP conditioner and an elementwise
+transformer (RealNVP with the affine transformer; a coupling neural spline flow with the
+rational-quadratic spline).
 
 With a fixed mask :math:`m \in \{0, 1\}^D`, the coordinates where :math:`m = 1` pass through
-unchanged and condition an affine map of the others:
+unchanged and condition an elementwise monotone map of the others:
 
 .. math::
 
-    y = m \odot x + (1 - m) \odot \bigl(x \odot e^{s(m \odot x)} + t(m \odot x)\bigr),
-    \qquad \log|\det J| = \sum_i (1 - m_i)\, s_i(m \odot x)
+    \theta = \mathrm{MLP}(m \odot x, c), \qquad
+    y_i = \begin{cases} x_i & m_i = 1 \\ \tau(x_i; \theta_i) & m_i = 0 \end{cases},
+    \qquad \log|\det J| = \sum_i (1 - m_i) \log \tau'(x_i; \theta_i)
 
-where :math:`(s, t)` come from one small MLP (tanh hidden units) whose output layer starts at
-zero, so a fresh layer is exactly the identity. The log-scale is softly bounded,
+The MLP (tanh hidden units) has its output layer at zero at the start, so a fresh layer is the
+transformer's start (the identity). With the default affine transformer,
+:math:`y = m \odot x + (1 - m) \odot (x \odot e^{s} + t)` with a softly bounded log-scale
 :math:`s = b \tanh(\hat s / b)`, which keeps long stacks numerically stable without the
 straight-through clamps that hide divergence. The inverse is exact: :math:`m \odot y = m \odot
-x`, so :math:`(s, t)` can be recomputed from :math:`y`.
+x`, so :math:`\theta` can be recomputed from :math:`y`.
 
 This is the flow that multiplicative normalizing flows (Louizos & Welling, 2017) use for the
 auxiliary noise of every weight matrix; the layer is generic and also conditional (the context
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Flow
+from .transformers import AffineTransformer, Transformer
 
 
 def alternating_mask(input_dim: int, parity: int = 0) -> Tensor:
@@ -41,7 +46,7 @@ def alternating_mask(input_dim: int, parity: int = 0) -> Tensor:
 
 
 class MaskedCoupling(Flow):
-    r"""Affine coupling :math:`y = m \odot x + (1 - m) \odot (x \odot e^{s} + t)`.
+    r"""Coupling :math:`y = m \odot x + (1 - m) \odot \tau(x; \mathrm{MLP}(m \odot x))`.
 
     Arguments:
         input_dim: D.
@@ -49,10 +54,15 @@ class MaskedCoupling(Flow):
             the map), zeros are transformed. Default :func:`alternating_mask` (alternating,
             coordinate 0 transformed). Stack layers with complementary masks so that every
             coordinate gets transformed.
-        hidden_dims: hidden widths of the MLP that outputs :math:`(s, t)`.
+        hidden_dims: hidden widths of the MLP that outputs the transformer's parameters.
         context_dim: for a conditional layer, the size of a context concatenated to the
             masked input of the MLP.
-        log_scale_bound: :math:`b > 0` in :math:`s = b \tanh(\hat s / b)`.
+        log_scale_bound: :math:`b > 0` of the default affine transformer,
+            :math:`s = b \tanh(\hat s / b)`; unused when ``transformer`` is given.
+        transformer: a :class:`~pyro_flowvi.flows.transformers.Transformer` (default
+            ``AffineTransformer(log_scale_bound)``). The MLP outputs ``P`` values for each of
+            the D coordinates (the kept ones are ignored), so the parameter names and shapes
+            do not depend on the mask.
 
     Example:
         >>> layer = MaskedCoupling(6, hidden_dims=(32,))
@@ -74,6 +84,7 @@ class MaskedCoupling(Flow):
         hidden_dims: Sequence[int] = (50,),
         context_dim: int | None = None,
         log_scale_bound: float = 5.0,
+        transformer: Transformer | None = None,
     ) -> None:
         super().__init__(input_dim, context_dim)
         if mask is None:
@@ -91,19 +102,28 @@ class MaskedCoupling(Flow):
             )
         if not log_scale_bound > 0:
             raise ValueError(f"MaskedCoupling: log_scale_bound must be > 0, got {log_scale_bound}")
+        if transformer is None:
+            transformer = AffineTransformer(log_scale_bound)
+        if not isinstance(transformer, Transformer):
+            raise ValueError(
+                "MaskedCoupling: transformer must be a Transformer, got "
+                f"{type(transformer).__name__}"
+            )
+        self.transformer = transformer
         self.register_buffer("mask", mask)
         self.log_scale_bound = float(log_scale_bound)
         sizes = (input_dim + (context_dim or 0), *hidden_dims)
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(n_in, n_out), nn.Tanh()]
-        out = nn.Linear(sizes[-1], 2 * input_dim)
-        nn.init.zeros_(out.weight)  # exact identity at the start
+        out = nn.Linear(sizes[-1], transformer.num_params * input_dim)
+        nn.init.zeros_(out.weight)  # the transformer's start (the identity) at the start
         nn.init.zeros_(out.bias)
         layers.append(out)
         self.net = nn.Sequential(*layers)
 
-    def _shift_log_scale(self, x_kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _params(self, x_kept: Tensor, context: Tensor | None) -> Tensor:
+        """The transformer's parameters, shape ``(..., P, D)``."""
         self._check_context(context)
         inputs = x_kept
         if context is not None:
@@ -115,21 +135,17 @@ class MaskedCoupling(Flow):
                 ],
                 dim=-1,
             )
-        shift, raw = self.net(inputs).chunk(2, dim=-1)
-        bound = self.log_scale_bound
-        log_scale = bound * torch.tanh(raw / bound)
-        free = 1 - self.mask
-        return shift * free, log_scale * free
+        return self.net(inputs).unflatten(-1, (self.transformer.num_params, self.input_dim))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._shift_log_scale(x * self.mask, context)
-        y = x * torch.exp(log_scale) + shift  # kept coordinates: log_scale = shift = 0
-        return y, log_scale.sum(-1)
+        y, log_derivative = self.transformer(x, self._params(x * self.mask, context))
+        y = torch.where(self.mask.bool(), x, y)
+        return y, (log_derivative * (1 - self.mask)).sum(-1)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._shift_log_scale(y * self.mask, context)
-        x = (y - shift) * torch.exp(-log_scale)
-        return x, -log_scale.sum(-1)
+        x, log_derivative = self.transformer.inverse(y, self._params(y * self.mask, context))
+        x = torch.where(self.mask.bool(), y, x)
+        return x, (log_derivative * (1 - self.mask)).sum(-1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask={self.mask.to(torch.int64).tolist()}"

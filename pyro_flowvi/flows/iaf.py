@@ -7,11 +7,11 @@ r"""Gated inverse autoregressive flow (Kingma et al., 2016).
     \log|\det J| = \sum_i \log \sigma_i
 
 where :math:`m_i, s_i` depend on :math:`x_1, \ldots, x_{i-1}` only (a :class:`MADE` with the
-identity ordering), so the Jacobian is lower-triangular with diagonal :math:`\sigma`. The gate
-bias :math:`c` (default 2) keeps :math:`\sigma` near 1 at the start; the log-scale is never
-clamped, so a diverging fit shows up in the loss rather than being hidden. The inverse is exact
-and takes D sequential passes: pass :math:`k` fixes :math:`x_k` from the correct
-:math:`x_{<k}`.
+identity ordering), so the Jacobian is lower-triangular with diagonal :math:`\sigma`. The layer
+is an :class:`Autoregressive` layer with the gated affine transformer. The gate bias :math:`c`
+(default 2) keeps :math:`\sigma` near 1 at the start; the log-scale is never clamped, so a
+diverging fit shows up in the loss rather than being hidden. The inverse is exact and takes D
+sequential passes: pass :math:`k` fixes :math:`x_k` from the correct :math:`x_{<k}`.
 """
 
 from __future__ import annotations
@@ -20,24 +20,18 @@ __all__ = ["IAF"]
 
 from collections.abc import Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from .base import Flow
-from .made import MADE
+from .autoregressive import Autoregressive
+from .transformers import AffineTransformer, GatedAffineTransformer
 
 
-def _log_sigmoid(x: Tensor) -> Tensor:
-    # Not F.logsigmoid: on CPU its autograd path costs ~18 ms per call for tiny tensors when
-    # torch runs more than one thread (measured on torch 2.13); -softplus(-x) is the same
-    # function, equally stable, at a few microseconds.
-    return -F.softplus(-x)
-
-
-class IAF(Flow):
+class IAF(Autoregressive):
     r"""Gated IAF layer :math:`y = \sigma \odot x + (1 - \sigma) \odot m`.
 
+    An :class:`~pyro_flowvi.flows.autoregressive.Autoregressive` layer with the
+    :class:`~pyro_flowvi.flows.transformers.GatedAffineTransformer` (or, with
+    ``update="affine"``, the :class:`~pyro_flowvi.flows.transformers.AffineTransformer`).
     The last layer of the MADE (and its skip connection) starts at zero, so a fresh layer is
     :math:`y = \mathrm{sigmoid}(c)\, x`: the identity up to a scale of 0.88 for the default
     :math:`c = 2`, with :math:`\log|\det J| = D \log \mathrm{sigmoid}(c)`.
@@ -45,8 +39,9 @@ class IAF(Flow):
     Arguments:
         input_dim: D.
         hidden_dims: MADE hidden widths, an int (one hidden layer) or a sequence; default two
-            layers of width ``max(2 * D, 8)``, linear in D. Each width must be at least
-            ``D - 1`` (``D`` for a conditional layer).
+            layers of width ``min(max(2 * D, 8), 256)``: linear in D up to D = 128, then
+            capped, so the network grows linearly with D (a MADE narrower than D - 1 spreads
+            its hidden degrees evenly).
         skip_connections: add a masked linear map from the input straight to :math:`(m, s)`.
         sigmoid_bias: the gate bias :math:`c` (default 2.0).
         activation: the MADE's hidden nonlinearity, a class or factory of modules
@@ -71,8 +66,6 @@ class IAF(Flow):
         arXiv 1502.03509)
     """
 
-    has_inverse = True
-
     def __init__(
         self,
         input_dim: int,
@@ -84,51 +77,26 @@ class IAF(Flow):
         update: str = "gated",
         max_log_scale: float = 3.0,
     ) -> None:
-        super().__init__(input_dim, context_dim)
         if update not in ("gated", "affine"):
             raise ValueError(f"IAF: update must be 'gated' or 'affine', got {update!r}")
         if not max_log_scale > 0:
             raise ValueError(f"IAF: max_log_scale must be > 0, got {max_log_scale!r}")
-        self.update = update
-        self.max_log_scale = float(max_log_scale)
-        if hidden_dims is None:
-            width = max(2 * input_dim, 8)
-            hidden_dims = [width, width]
-        self.made = MADE(
+        transformer = (
+            GatedAffineTransformer(sigmoid_bias)
+            if update == "gated"
+            else AffineTransformer(max_log_scale)
+        )
+        super().__init__(
             input_dim,
-            hidden_dims,
-            num_outputs=2,
+            transformer=transformer,
+            hidden_dims=hidden_dims,
             context_dim=context_dim,
             activation=activation,
             skip_connections=skip_connections,
         )
+        self.update = update
+        self.max_log_scale = float(max_log_scale)
         self.sigmoid_bias = float(sigmoid_bias)
-        nn.init.zeros_(self.made.output_layer.weight)
-        nn.init.zeros_(self.made.output_layer.bias)
-        if self.made.skip is not None:
-            nn.init.zeros_(self.made.skip.weight)
-
-    def _update(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(a, s, log s)`` of the update ``y = a + s * x``, for either form."""
-        self._check_context(context)
-        shift, raw = self.made(x, context).unbind(-2)
-        if self.update == "gated":
-            gate = raw + self.sigmoid_bias
-            return torch.sigmoid(-gate) * shift, torch.sigmoid(gate), _log_sigmoid(gate)
-        log_scale = self.max_log_scale * torch.tanh(raw / self.max_log_scale)
-        return shift, torch.exp(log_scale), log_scale
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        shift, scale, log_scale = self._update(x, context)
-        return shift + scale * x, log_scale.sum(-1)
-
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = torch.zeros_like(y)
-        for _ in range(self.input_dim):
-            shift, scale, log_scale = self._update(x, context)
-            x = (y - shift) / scale
-        # The last pass saw the correct x_1..x_{D-1}, which is all that (a, s) depend on.
-        return x, -log_scale.sum(-1)
 
     def extra_repr(self) -> str:
         if self.update == "affine":

@@ -11,8 +11,11 @@ This module uses the identity ordering and deterministic degrees: input :math:`i
 :math:`i`, the hidden units of a layer cycle over the degrees :math:`1, \ldots, D - 1` (then
 :math:`0` for a conditional network: degree-0 units see the context alone), a hidden unit sees
 the units of the layer below with degree at most its own, and output :math:`k` sees the last
-hidden units with degree below :math:`k`. A reversal between autoregressive layers changes the
-order, so no random orderings are needed.
+hidden units with degree below :math:`k`. A layer narrower than the number of degrees takes
+degrees evenly spaced over them, the smallest and the largest included (output :math:`k` then
+sees the inputs up to the largest hidden degree below :math:`k`, a coarser but still exact
+autoregressive structure), so the width can stay bounded as D grows. A reversal between
+autoregressive layers changes the order, so no random orderings are needed.
 """
 
 from __future__ import annotations
@@ -38,26 +41,37 @@ class MaskedLinear(nn.Linear):
 
     def __init__(self, mask: Tensor, bias: bool = True) -> None:
         super().__init__(mask.shape[1], mask.shape[0], bias=bias)
-        self.register_buffer("mask", mask.to(self.weight.dtype))
+        # Boolean: an eighth of a float64 mask, which matters for wide layers at large D.
+        self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
-def _hidden_widths(input_dim: int, hidden_dims: object, min_width: int) -> list[int]:
+def _hidden_widths(hidden_dims: object) -> list[int]:
     widths = [hidden_dims] if isinstance(hidden_dims, int) else hidden_dims
     ok = isinstance(widths, Sequence) and len(widths) > 0
     ok = ok and all(
-        isinstance(width, int) and not isinstance(width, bool) and width >= min_width
-        for width in widths
+        isinstance(width, int) and not isinstance(width, bool) and width >= 1 for width in widths
     )
     if isinstance(hidden_dims, bool) or not ok:
         raise ValueError(
-            f"MADE: hidden_dims must be an int or a non-empty sequence of ints, each at least "
-            f"{min_width} (the number of hidden degrees for input_dim={input_dim}), "
+            "MADE: hidden_dims must be an int or a non-empty sequence of positive ints, "
             f"got {hidden_dims!r}"
         )
     return list(widths)
+
+
+def _hidden_degrees(degrees: list[int], width: int) -> Tensor:
+    """Degrees of ``width`` hidden units: cycling over ``degrees`` when there are enough units,
+    else evenly spaced over the sorted degrees (both ends included)."""
+    if width >= len(degrees):
+        return torch.tensor([degrees[j % len(degrees)] for j in range(width)])
+    ordered = torch.tensor(sorted(degrees))
+    if width == 1:
+        return ordered[:1]
+    index = torch.round(torch.linspace(0, len(degrees) - 1, width, dtype=torch.float64))
+    return ordered[index.long()]
 
 
 class MADE(nn.Module):
@@ -65,9 +79,9 @@ class MADE(nn.Module):
 
     Arguments:
         input_dim: D.
-        hidden_dims: widths of the hidden layers, an int (one layer) or a sequence. Each width
-            must be at least the number of hidden degrees: ``D - 1`` (``D`` for a conditional
-            network; 1 when ``D = 1``).
+        hidden_dims: widths of the hidden layers, an int (one layer) or a sequence. A width
+            below the number of hidden degrees (``D - 1``, ``D`` for a conditional network, 1
+            when ``D = 1``) spreads the degrees evenly (see the module docstring).
         num_outputs: how many values per dimension (default 2, e.g. a shift and a log-scale).
         context_dim: the context enters the first hidden layer through an unmasked linear map
             (every hidden unit may see it); ``None`` for an unconditional network.
@@ -109,14 +123,14 @@ class MADE(nn.Module):
         degrees = list(range(1, input_dim))
         if context_dim is not None or not degrees:
             degrees.append(0)
-        widths = _hidden_widths(input_dim, hidden_dims, len(degrees))
+        widths = _hidden_widths(hidden_dims)
         self.hidden_dims = widths
 
         input_degrees = torch.arange(1, input_dim + 1)
         previous = input_degrees
         layers = []
         for width in widths:
-            hidden = torch.tensor([degrees[j % len(degrees)] for j in range(width)])
+            hidden = _hidden_degrees(degrees, width)
             layers.append(MaskedLinear(hidden[:, None] >= previous[None, :]))
             previous = hidden
         self.hidden_layers = nn.ModuleList(layers)

@@ -26,15 +26,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import nn
 
 from .affine import ElementwiseAffine
+from .autoregressive import Autoregressive, default_hidden_width
 from .base import Flow, Reverse
+from .coupling import MaskedCoupling, alternating_mask
 from .householder import Householder
 from .iaf import IAF
 from .planar import Planar
 from .radial import Radial
 from .sylvester import Sylvester
+from .transformers import DeepSigmoidTransformer, RationalQuadraticSpline
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class FlowFamily:
     Attributes:
         name: the key in :data:`FLOWS`, e.g. ``"iaf"``.
         build: ``build(input_dim, *, context_dim=None, **options) -> [f_1, ..., f_K]``; every
-            option is a keyword-only parameter with its value in ``defaults``.
+            option is a keyword-only parameter with its value in ``defaults`` (call it through
+            :func:`build_flows`, which merges the defaults, or pass every option).
         defaults: the options of the family's global guide, ``num_transforms`` included
             (read-only).
         takes_context: whether ``build(..., context_dim=int)`` gives conditional layers.
@@ -158,18 +163,18 @@ def _check_num_transforms(name: str, value: object) -> int:
 # Built-in families
 
 
-def _planar(input_dim: int, *, context_dim: int | None, num_transforms: int) -> list[Flow]:
+def _planar(input_dim: int, *, context_dim: int | None = None, num_transforms: int) -> list[Flow]:
     count = _check_num_transforms("planar", num_transforms)
     return [Planar(input_dim, context_dim=context_dim) for _ in range(count)]
 
 
-def _radial(input_dim: int, *, context_dim: int | None, num_transforms: int) -> list[Flow]:
+def _radial(input_dim: int, *, context_dim: int | None = None, num_transforms: int) -> list[Flow]:
     count = _check_num_transforms("radial", num_transforms)
     return [Radial(input_dim, context_dim=context_dim) for _ in range(count)]
 
 
 def _householder(
-    input_dim: int, *, context_dim: int | None, num_transforms: int | None
+    input_dim: int, *, context_dim: int | None = None, num_transforms: int | None
 ) -> list[Flow]:
     count = min(input_dim, 16) if num_transforms is None else num_transforms
     count = _check_num_transforms("householder", count)
@@ -188,7 +193,7 @@ def _householder(
 
 def _sylvester(variant: str) -> Callable[..., list[Flow]]:
     def build(
-        input_dim: int, *, context_dim: int | None, num_transforms: int, **options: Any
+        input_dim: int, *, context_dim: int | None = None, num_transforms: int, **options: Any
     ) -> list[Flow]:
         count = _check_num_transforms(f"sylvester-{variant}", num_transforms)
         given = {key: value for key, value in options.items() if value is not None}
@@ -204,7 +209,7 @@ def _sylvester(variant: str) -> Callable[..., list[Flow]]:
 
 def _iaf(update: str) -> Callable[..., list[Flow]]:
     def build(
-        input_dim: int, *, context_dim: int | None, num_transforms: int, **options: Any
+        input_dim: int, *, context_dim: int | None = None, num_transforms: int, **options: Any
     ) -> list[Flow]:
         count = _check_num_transforms("iaf" if update == "gated" else "iaf-affine", num_transforms)
         layers: list[Flow] = []
@@ -217,10 +222,163 @@ def _iaf(update: str) -> Callable[..., list[Flow]]:
     return build
 
 
+#: Width caps of the default conditioners (the default width is min(max(2 D, 8), cap)): a
+#: conditioner holds about (P + 1) D W parameters (P transformer parameters per dimension,
+#: W hidden units), so these keep every default stack under 5,000 parameters per latent
+#: dimension (IAF's cap, 256, lives in autoregressive.default_hidden_width).
+SPLINE_WIDTH_CAP = 64
+SPLINE_COUPLING_WIDTH_CAP = 48
+NAF_WIDTH_CAP = 64
+COUPLING_WIDTH_CAP = 256
+
+
+def _widths(hidden_dims: int | list[int] | None, input_dim: int, cap: int) -> object:
+    if hidden_dims is not None:
+        return hidden_dims
+    width = default_hidden_width(input_dim, cap)
+    return [width, width]
+
+
+def _autoregressive_stack(
+    name: str,
+    input_dim: int,
+    context_dim: int | None,
+    num_transforms: int,
+    make_transformer: Callable[[], Any],
+    **options: Any,
+) -> list[Flow]:
+    count = _check_num_transforms(name, num_transforms)
+    layers: list[Flow] = []
+    for i in range(count):
+        if i:
+            layers.append(Reverse(input_dim))
+        layers.append(
+            Autoregressive(
+                input_dim, transformer=make_transformer(), context_dim=context_dim, **options
+            )
+        )
+    return layers
+
+
+def _spline_autoregressive(
+    input_dim: int,
+    *,
+    context_dim: int | None = None,
+    num_transforms: int,
+    bins: int,
+    bound: float,
+    hidden_dims: int | list[int] | None,
+    skip_connections: bool,
+    activation: Callable[[], nn.Module],
+) -> list[Flow]:
+    return _autoregressive_stack(
+        "spline-autoregressive",
+        input_dim,
+        context_dim,
+        num_transforms,
+        lambda: RationalQuadraticSpline(bins=bins, bound=bound),
+        hidden_dims=_widths(hidden_dims, input_dim, SPLINE_WIDTH_CAP),
+        skip_connections=skip_connections,
+        activation=activation,
+    )
+
+
+def _naf(
+    input_dim: int,
+    *,
+    context_dim: int | None = None,
+    num_transforms: int,
+    hidden_units: int,
+    offset_spread: float,
+    hidden_dims: int | list[int] | None,
+    skip_connections: bool,
+    activation: Callable[[], nn.Module],
+) -> list[Flow]:
+    return _autoregressive_stack(
+        "naf",
+        input_dim,
+        context_dim,
+        num_transforms,
+        lambda: DeepSigmoidTransformer(hidden_units, offset_spread),
+        hidden_dims=_widths(hidden_dims, input_dim, NAF_WIDTH_CAP),
+        skip_connections=skip_connections,
+        activation=activation,
+    )
+
+
+def _coupling_stack(
+    name: str,
+    input_dim: int,
+    context_dim: int | None,
+    num_transforms: int,
+    hidden_dims: int | list[int] | None,
+    cap: int,
+    **options: Any,
+) -> list[Flow]:
+    count = _check_num_transforms(name, num_transforms)
+    widths = _widths(hidden_dims, input_dim, cap)
+    widths = [widths] if isinstance(widths, int) else widths
+    # With D = 1 an alternating mask would keep the only coordinate every other layer (an
+    # identity layer); there every layer transforms it, from its context if it has one.
+    return [
+        MaskedCoupling(
+            input_dim,
+            mask=alternating_mask(input_dim, i % 2) if input_dim > 1 else torch.zeros(1),
+            hidden_dims=widths,
+            context_dim=context_dim,
+            **options,
+        )
+        for i in range(count)
+    ]
+
+
+def _realnvp(
+    input_dim: int,
+    *,
+    context_dim: int | None = None,
+    num_transforms: int,
+    hidden_dims: int | list[int] | None,
+    log_scale_bound: float,
+) -> list[Flow]:
+    return _coupling_stack(
+        "realnvp",
+        input_dim,
+        context_dim,
+        num_transforms,
+        hidden_dims,
+        COUPLING_WIDTH_CAP,
+        log_scale_bound=log_scale_bound,
+    )
+
+
+def _spline_coupling(
+    input_dim: int,
+    *,
+    context_dim: int | None = None,
+    num_transforms: int,
+    bins: int,
+    bound: float,
+    hidden_dims: int | list[int] | None,
+) -> list[Flow]:
+    return _coupling_stack(
+        "spline-coupling",
+        input_dim,
+        context_dim,
+        num_transforms,
+        hidden_dims,
+        SPLINE_COUPLING_WIDTH_CAP,
+        transformer=RationalQuadraticSpline(bins=bins, bound=bound),
+    )
+
+
 _RM = "Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015, arXiv 1505.05770)"
 _SNF = (
     "Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018, "
     "arXiv 1803.05649)"
+)
+_NSF = "Neural Spline Flows (Durkan, Bekasov, Murray & Papamakarios, 2019, arXiv 1906.04032)"
+_REALNVP = (
+    "Density estimation using Real NVP (Dinh, Sohl-Dickstein & Bengio, 2017, arXiv 1605.08803)"
 )
 _IAF_REFS = (
     "Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016, "
@@ -327,6 +485,70 @@ for _family in (
         layers=(IAF, Reverse),
         summary="K affine IAF layers (softly bounded log-scale) with a reversal between them",
         references=_IAF_REFS,
+    ),
+    FlowFamily(
+        name="spline-autoregressive",
+        build=_spline_autoregressive,
+        defaults={
+            "num_transforms": 3,
+            "bins": 8,
+            "bound": 5.0,
+            "hidden_dims": None,
+            "skip_connections": False,
+            "activation": nn.ELU,
+        },
+        takes_context=True,
+        has_inverse=True,
+        layers=(Autoregressive, Reverse),
+        summary=(
+            "K autoregressive rational-quadratic spline layers (IAF direction, identity tails "
+            "outside [-B, B]) with a reversal between them"
+        ),
+        references=(_NSF, _IAF_REFS[1]),
+    ),
+    FlowFamily(
+        name="spline-coupling",
+        build=_spline_coupling,
+        defaults={"num_transforms": 4, "bins": 8, "bound": 5.0, "hidden_dims": None},
+        takes_context=True,
+        has_inverse=True,
+        layers=(MaskedCoupling,),
+        summary="K rational-quadratic spline coupling layers with alternating masks",
+        references=(_NSF, _REALNVP),
+    ),
+    FlowFamily(
+        name="realnvp",
+        build=_realnvp,
+        defaults={"num_transforms": 4, "hidden_dims": None, "log_scale_bound": 5.0},
+        takes_context=True,
+        has_inverse=True,
+        layers=(MaskedCoupling,),
+        summary="K affine coupling layers (softly bounded log-scale) with alternating masks",
+        references=(_REALNVP,),
+    ),
+    FlowFamily(
+        name="naf",
+        build=_naf,
+        defaults={
+            "num_transforms": 3,
+            "hidden_units": 8,
+            "offset_spread": 0.5,
+            "hidden_dims": None,
+            "skip_connections": False,
+            "activation": nn.ELU,
+        },
+        takes_context=True,
+        has_inverse=True,
+        layers=(Autoregressive, Reverse),
+        summary=(
+            "K neural autoregressive layers with a deep sigmoidal transformer (IAF direction, "
+            "inverse by safeguarded Newton) and a reversal between them"
+        ),
+        references=(
+            "Neural Autoregressive Flows (Huang, Krueger, Lacoste & Courville, 2018, "
+            "arXiv 1804.00779)",
+            _IAF_REFS[1],
+        ),
     ),
 ):
     register_flow(_family)

@@ -40,6 +40,10 @@ from .planar import _solve_tanh_equation
 
 _VARIANTS = ("orthogonal", "householder", "triangular")
 
+#: The default M is min(D, this): R and R~ hold M^2 parameters and Q (orthogonal variant) D M,
+#: so an uncapped default would be quadratic in D (10^8 parameters per layer at D = 10^4).
+MAX_DEFAULT_VECTORS = 64
+
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -54,11 +58,12 @@ class Sylvester(Flow):
     Arguments:
         input_dim: D.
         variant: how :math:`Q` is built. ``"orthogonal"``: Björck orthogonalisation of a learned
-            ``D x M`` matrix (started at a random orthonormal one). ``"householder"``: a product
-            of ``num_householder`` reflections (``M = D``). ``"triangular"``: the identity, or
-            the reversal permutation when ``flip`` (``M = D``).
-        num_ortho_vectors: M, the number of columns of :math:`Q` (default D); only the
-            orthogonal variant allows ``M < D``.
+            ``D x M`` matrix (started at a random orthonormal one). ``"householder"``: the first
+            M columns of a product of ``num_householder`` reflections. ``"triangular"``: the
+            first M columns of the identity, or of the reversal permutation when ``flip`` (for
+            ``M < D`` the layer then moves the first, respectively last, M coordinates only).
+        num_ortho_vectors: M, the number of columns of :math:`Q` (default ``min(D, 64)``, so
+            the layer's size stays linear in D).
         num_householder: reflections in :math:`Q` for the Householder variant
             (default ``min(D, 8)``).
         flip: use the reversal permutation as :math:`Q` in the triangular variant (a stack
@@ -94,7 +99,7 @@ class Sylvester(Flow):
         super().__init__(input_dim, context_dim)
         if variant not in _VARIANTS:
             raise ValueError(f"Sylvester: variant must be one of {_VARIANTS}, got {variant!r}")
-        num_vectors = input_dim
+        num_vectors = min(input_dim, MAX_DEFAULT_VECTORS)
         if num_ortho_vectors is not None:
             if not _is_positive_int(num_ortho_vectors) or num_ortho_vectors > input_dim:
                 raise ValueError(
@@ -102,11 +107,6 @@ class Sylvester(Flow):
                     f"got {num_ortho_vectors!r}"
                 )
             num_vectors = num_ortho_vectors
-            if variant != "orthogonal" and num_vectors != input_dim:
-                raise ValueError(
-                    f"Sylvester: only variant='orthogonal' allows num_ortho_vectors < input_dim; "
-                    f"got num_ortho_vectors={num_ortho_vectors!r} with variant={variant!r}"
-                )
         if num_householder is not None:
             if variant != "householder":
                 raise ValueError(
@@ -187,9 +187,13 @@ class Sylvester(Flow):
         if self.variant == "orthogonal":
             q = orthogonalize(raw["q_raw"])
         elif self.variant == "householder":
-            eye = torch.eye(self.input_dim, dtype=r.dtype, device=r.device)
-            # Row j of H_1 ... H_K is H_K ... H_1 e_j (each H_k is symmetric).
-            q = reflect_rows(eye, raw["q_vectors"])
+            eye = torch.eye(self.num_ortho_vectors, self.input_dim, dtype=r.dtype, device=r.device)
+            if self.num_ortho_vectors == self.input_dim:
+                # Row j of H_1 ... H_K is H_K ... H_1 e_j (each H_k is symmetric).
+                q = reflect_rows(eye, raw["q_vectors"])
+            else:
+                # Column j of H_1 ... H_K is the transposed row j of H_K ... H_1.
+                q = reflect_rows(eye, raw["q_vectors"], reverse=True).mT
         else:
             q = None
         return q, r, r_tilde, raw["b"], r_diag, r_tilde_diag
@@ -197,12 +201,13 @@ class Sylvester(Flow):
     def _project(self, x: Tensor, q: Tensor | None) -> Tensor:
         """:math:`Q^T x`, shape ``(..., M)``."""
         if q is None:
-            return x.flip(-1) if self.flip else x
+            return (x.flip(-1) if self.flip else x)[..., : self.num_ortho_vectors]
         return (x.unsqueeze(-2) @ q).squeeze(-2)
 
     def _embed(self, v: Tensor, q: Tensor | None) -> Tensor:
         """:math:`Q v`, shape ``(..., D)``."""
         if q is None:
+            v = torch.nn.functional.pad(v, (0, self.input_dim - self.num_ortho_vectors))
             return v.flip(-1) if self.flip else v
         return (q @ v.unsqueeze(-1)).squeeze(-1)
 
@@ -241,9 +246,9 @@ class Sylvester(Flow):
 
     def extra_repr(self) -> str:
         extra = super().extra_repr() + f", variant={self.variant!r}"
-        if self.variant == "orthogonal":
+        if self.variant == "orthogonal" or self.num_ortho_vectors < self.input_dim:
             extra += f", num_ortho_vectors={self.num_ortho_vectors}"
-        elif self.variant == "householder":
+        if self.variant == "householder":
             extra += f", num_householder={self.num_householder}"
         else:
             extra += f", flip={self.flip}"

@@ -23,8 +23,11 @@ from .base import AutoFlowGuide
 from .named import (
     AutoHouseholderGuide,
     AutoIAFGuide,
+    AutoNAFGuide,
+    AutoNeuralSplineGuide,
     AutoPlanarGuide,
     AutoRadialGuide,
+    AutoRealNVPGuide,
     AutoSylvesterGuide,
 )
 
@@ -32,7 +35,10 @@ __all__ = [
     "AutoFlowGuide",
     "AutoHouseholderGuide",
     "AutoIAFGuide",
+    "AutoNAFGuide",
+    "AutoNeuralSplineGuide",
     "AutoPlanarGuide",
     "AutoRadialGuide",
+    "AutoRealNVPGuide",
     "AutoSylvesterGuide",
 ]

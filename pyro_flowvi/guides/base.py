@@ -20,7 +20,8 @@ from __future__ import annotations
 
 __all__ = ["AutoFlowGuide"]
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -30,15 +31,42 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.nn import PyroParam
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .._util import is_discrete, plate_batch_shape
 from ..distributions import FlowDistribution
-from ..flows import Compose, ElementwiseAffine, Flow, TriangularAffine
+from ..flows import FLOWS, Compose, ElementwiseAffine, Flow, TriangularAffine, build_flows
+from ..flows.zuko import as_flow
 from .initialization import initial_gaussian, model_log_density
 
 FlowSpec = Flow | Callable[[int], Flow]
+
+
+def _is_built(spec: object) -> bool:
+    """A built layer: our Flow, or a zuko flow / lazy transform (modules) or a transform."""
+    if isinstance(spec, type):
+        return False
+    return isinstance(spec, (Flow, nn.Module, torch.distributions.Transform))
+
+
+def _family_options(
+    site: str, family: str, options: Mapping[str, Any] | None, num_transforms: int | None
+) -> tuple[str, dict[str, Any]]:
+    """Check a family name and its options; return them with the family's defaults filled in."""
+    if family not in FLOWS:
+        raise ValueError(f"{site}: unknown flow family {family!r}; valid: {sorted(FLOWS)}")
+    options = dict(options or {})
+    if num_transforms is not None:
+        options["num_transforms"] = num_transforms
+    defaults = FLOWS[family].defaults
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{site}: unknown option(s) {unknown} of flow family {family!r}; valid: "
+            f"{sorted(defaults)}"
+        )
+    return family, {**defaults, **options}
 
 
 def _shape_key(args: tuple, kwargs: dict) -> tuple:
@@ -68,10 +96,17 @@ class AutoFlowGuide(AutoContinuous):
 
     Arguments:
         model: a Pyro model.
-        flows: the layers :math:`f_1, \dots`: a flow class or factory ``input_dim -> Flow``
-            (e.g. ``IAF``, ``functools.partial(IAF, hidden_dims=[32])``), a built
-            :class:`~pyro_flowvi.flows.Flow` of the right size, or a sequence of these. The
-            latent size is only known once the model has run, hence factories.
+        flows: the layers :math:`f_1, \dots`: the name of a registered flow family (a key of
+            :data:`pyro_flowvi.flows.FLOWS`, e.g. ``"spline-autoregressive"``), a flow class or
+            factory ``input_dim -> Flow`` (e.g. ``IAF``, ``functools.partial(IAF,
+            hidden_dims=[32])``), a built :class:`~pyro_flowvi.flows.Flow` of the right size,
+            or a sequence of classes, factories and layers. A zuko flow
+            (``zuko.flows.NSF(features=D)``), zuko lazy transform or torch ``Transform`` (or a
+            factory returning one) is wrapped by :func:`pyro_flowvi.flows.as_flow`; zuko's own
+            base distribution is then replaced by this guide's. The latent size is only known
+            once the model has run, hence names and factories.
+        flow_options: options of the named family (see its ``defaults`` in
+            :data:`~pyro_flowvi.flows.FLOWS`); only with a family name.
         init_loc_fn: per-site initialisation of :math:`\mu` (see
             :mod:`pyro.infer.autoguide.initialization`); default ``init_to_median``.
         init_scale: how the base Gaussian starts. A number > 0: :math:`\mu` at
@@ -103,9 +138,17 @@ class AutoFlowGuide(AutoContinuous):
             has an exponential tail in unconstrained space), the importance ratios p/q are
             unbounded there and PSIS k-hat grows with the number of draws; a heavier-tailed
             base keeps them bounded.
-        num_transforms: how many times the ``flows`` sequence is repeated (fresh layers each
-            time); must be 1 when ``flows`` holds built layers.
+        num_transforms: with a family name, its number of layers (default: the family's);
+            otherwise how many times the ``flows`` sequence is repeated (fresh layers each
+            time; default 1, and 1 when ``flows`` holds built layers).
         summary_samples: number of draws behind :meth:`median` and :meth:`quantiles`.
+        stick_the_landing: give the ELBO the "sticking the landing" gradient (Roeder et al.,
+            2017): each draw's :math:`\log q` keeps its value but loses its score-function
+            gradient, which is zero in expectation and, when :math:`q` equals the posterior,
+            the only part of the gradient left (so the plain estimator keeps moving a perfect
+            guide, and this one does not). Works with every Pyro ELBO and with vectorized
+            particles; costs one pass through the inverse of the flow per step. See
+            docs/training.md.
 
     Example:
         >>> guide = AutoFlowGuide(model, flows=[IAF, Reverse], num_transforms=3)
@@ -115,13 +158,15 @@ class AutoFlowGuide(AutoContinuous):
     def __init__(
         self,
         model: Callable,
-        flows: FlowSpec | Sequence[FlowSpec] = (),
+        flows: str | FlowSpec | Sequence[FlowSpec] = (),
         *,
+        flow_options: Mapping[str, Any] | None = None,
         init_loc_fn: Callable = init_to_median,
         init_scale: float | str = "auto",
         base: str = "normal",
-        num_transforms: int = 1,
+        num_transforms: int | None = None,
         summary_samples: int = 4000,
+        stick_the_landing: bool = False,
     ) -> None:
         name = type(self).__name__
         if base not in ("normal", "studentt"):
@@ -135,26 +180,49 @@ class AutoFlowGuide(AutoContinuous):
                 f"{name}: init_scale must be a number > 0, 'auto', 'diag' or 'full', "
                 f"got {init_scale!r}"
             )
-        if isinstance(num_transforms, bool) or not isinstance(num_transforms, int):
+        if num_transforms is not None and (
+            isinstance(num_transforms, bool) or not isinstance(num_transforms, int)
+        ):
             raise ValueError(f"{name}: num_transforms must be an int >= 1, got {num_transforms!r}")
-        if num_transforms < 1:
+        if num_transforms is not None and num_transforms < 1:
             raise ValueError(f"{name}: num_transforms must be >= 1, got {num_transforms}")
         if not isinstance(summary_samples, int) or summary_samples < 2:
             raise ValueError(
                 f"{name}: summary_samples must be an int >= 2, got {summary_samples!r}"
             )
-        specs = [flows] if isinstance(flows, Flow) or callable(flows) else list(flows)
-        for spec in specs:
-            if not (isinstance(spec, Flow) or callable(spec)):
-                raise ValueError(
-                    f"{name}: each entry of flows must be a Flow or a callable input_dim -> Flow, "
-                    f"got {spec!r}"
-                )
-        if num_transforms > 1 and any(isinstance(spec, Flow) for spec in specs):
+        if not isinstance(stick_the_landing, bool):
             raise ValueError(
-                f"{name}: flows holds built layers, which cannot be repeated "
-                f"num_transforms={num_transforms} times; pass classes or factories instead"
+                f"{name}: stick_the_landing must be True or False, got {stick_the_landing!r}"
             )
+        self.stick_the_landing = stick_the_landing
+        self.flow_family: str | None = None
+        self.flow_options: dict[str, Any] = {}
+        if isinstance(flows, str):
+            self.flow_family, self.flow_options = _family_options(
+                name, flows, flow_options, num_transforms
+            )
+            specs: list[FlowSpec] = []
+            num_transforms = self.flow_options["num_transforms"]
+        else:
+            if flow_options:
+                raise ValueError(
+                    f"{name}: flow_options apply to a flow family given by name, but flows is "
+                    f"{flows!r}"
+                )
+            single = _is_built(flows) or callable(flows)
+            specs = [flows] if single else list(flows)
+            for spec in specs:
+                if not (_is_built(spec) or callable(spec)):
+                    raise ValueError(
+                        f"{name}: each entry of flows must be a flow family name, a Flow, a zuko "
+                        f"flow or transform, or a callable input_dim -> Flow, got {spec!r}"
+                    )
+            num_transforms = 1 if num_transforms is None else num_transforms
+            if num_transforms > 1 and any(_is_built(spec) for spec in specs):
+                raise ValueError(
+                    f"{name}: flows holds built layers, which cannot be repeated "
+                    f"num_transforms={num_transforms} times; pass classes or factories instead"
+                )
         self._flow_specs = specs
         self.init_scale = init_scale if isinstance(init_scale, str) else float(init_scale)
         self.base = base
@@ -174,16 +242,21 @@ class AutoFlowGuide(AutoContinuous):
     # construction
 
     def _build_flows(self, input_dim: int) -> list[Flow]:
-        """The layers f_1..f_K for a latent of size ``input_dim`` (subclasses override)."""
+        """The layers f_1..f_K for a latent of size ``input_dim``."""
+        if self.flow_family is not None:
+            return build_flows(self.flow_family, input_dim, **self.flow_options)
         layers = []
         for _ in range(self.num_transforms):
             for spec in self._flow_specs:
-                layer = spec if isinstance(spec, Flow) else spec(input_dim)
+                layer = spec if _is_built(spec) else spec(input_dim)
                 if not isinstance(layer, Flow):
-                    raise ValueError(
-                        f"{type(self).__name__}: flows factory {spec!r} returned "
-                        f"{type(layer).__name__}, not a pyro_flowvi.flows.Flow"
-                    )
+                    if not _is_built(layer):
+                        raise ValueError(
+                            f"{type(self).__name__}: flows factory {spec!r} returned "
+                            f"{type(layer).__name__}, not a pyro_flowvi.flows.Flow or a zuko "
+                            "flow or transform"
+                        )
+                    layer = as_flow(layer, input_dim)  # a zuko flow, lazy transform or transform
                 if layer.context_dim is not None:
                     raise ValueError(
                         f"{type(self).__name__}: layer {type(layer).__name__} is conditional "
@@ -249,6 +322,12 @@ class AutoFlowGuide(AutoContinuous):
         else:
             layers.append(ElementwiseAffine(self.latent_dim, loc=loc, scale=scale))
         self.flow = Compose(layers).to(dtype=init_loc.dtype, device=init_loc.device)
+        if self.stick_the_landing and not self.flow.has_inverse:
+            missing = sorted({type(layer).__name__ for layer in layers if not layer.has_inverse})
+            raise ValueError(
+                f"{type(self).__name__}: stick_the_landing needs the inverse of every layer, "
+                f"and {missing} have none"
+            )
         if self.base == "studentt":
             self.base_df = PyroParam(
                 torch.full_like(init_loc, _INIT_DF), constraint=constraints.greater_than(_MIN_DF)
@@ -368,7 +447,9 @@ class AutoFlowGuide(AutoContinuous):
         """
         posterior = self.get_posterior(*args, **kwargs)
         self._check_data_shapes(args, kwargs)
-        z, log_q = posterior.rsample_and_log_prob(plate_batch_shape())
+        z, log_q = posterior.rsample_and_log_prob(
+            plate_batch_shape(), stick_the_landing=self.stick_the_landing
+        )
         return pyro.sample(
             f"_{self._pyro_name}_latent",
             dist.Delta(z, log_density=log_q, event_dim=1),

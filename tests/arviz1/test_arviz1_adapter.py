@@ -38,17 +38,19 @@ EXPECTED = {
 
 
 def _load():
-    """Import _arviz.py and report.py without pyro_flowvi/__init__ (which needs torch)."""
+    """Import the torch-free modules without pyro_flowvi/__init__ (which needs torch)."""
     if "_fvd_isolated" not in sys.modules:
         package = types.ModuleType("_fvd_isolated")
         package.__path__ = [str(DIAGNOSTICS)]
         sys.modules["_fvd_isolated"] = package
     adapter = importlib.import_module("_fvd_isolated._arviz")
     report = importlib.import_module("_fvd_isolated.report")
-    return adapter, report
+    plots = importlib.import_module("_fvd_isolated.plots")
+    resample = importlib.import_module("_fvd_isolated.resample")
+    return adapter, report, plots, resample
 
 
-adapter, report = _load()
+adapter, report, plots, resample = _load()
 S = 2000
 U = (np.arange(S) + 0.5) / S  # a deterministic quantile grid
 
@@ -155,23 +157,39 @@ def test_vi_loo_agrees_with_arviz():
         np.testing.assert_allclose(loo.pareto_k, expected.pareto_k.values, rtol=1e-10)
 
 
-def test_plots_through_arviz(tmp_path):
+def test_plots_of_arviz_objects(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     idata, _, _, _ = _vi_fixture()
     other = adapter.from_groups({"posterior": {"theta": ndtri(U)[None] * 0.5 + 0.1}})
+    named = adapter.from_groups(
+        {"posterior": {"x": ndtri(U)[None], "z": ndtri(U[::-1])[None, :, None] + [[0.0, 1.0]]}},
+        dims={"z": ["school"]},
+        coords={"school": ["a", "b"]},
+    )
+    reference = {"x": ndtri(U)[None], "z": ndtri(U)[None, :, None] + np.zeros((1, 1, 2))}
     try:
-        fig = adapter.plot_marginals({"a": idata, "b": other}, ["theta"])
+        fig = plots.plot_marginals({"a": idata, "b": other}, {"theta": ndtri(U)[None]})
         fig.savefig(tmp_path / "marginals.png")
-        assert fig.axes
-        fig = adapter.plot_pair(
-            adapter.from_groups({"posterior": {"x": ndtri(U)[None], "z": ndtri(U[::-1])[None]}}),
-            ["x", "z"],
-            adapter.from_groups({"posterior": {"x": ndtri(U)[None], "z": ndtri(U)[None]}}),
-        )
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b", "reference"]
+        fig = plots.plot_pair(named, reference, coords={"school": ["b"]})
         fig.savefig(tmp_path / "pair.png")
-        assert fig.axes
+        assert sum(ax.get_visible() for ax in fig.axes) == 3
+        assert fig.axes[2].get_xlabel() == "x" and fig.axes[3].get_xlabel() == "z[b]"
+        fig = plots.plot_elbo(idata)
+        fig.savefig(tmp_path / "elbo.png")
+        assert len(fig.axes[0].get_lines()) == 2
     finally:
         plt.close("all")
+
+
+def test_psis_resample_on_either_arviz():
+    _, log_p, log_q, _ = _vi_fixture()
+    rng = np.random.default_rng(0)
+    picked = resample.psis_resample(log_p - log_q, 500, rng=rng)
+    assert picked.khat == pytest.approx(EXPECTED["khat"], abs=0.02)
+    assert np.unique(picked.indices).size == 500 and not picked.replace
+    np.testing.assert_allclose(np.exp(picked.log_weights).sum(), 1.0)
+    assert picked.is_ess == pytest.approx(EXPECTED["is_ess"], rel=1e-4)
