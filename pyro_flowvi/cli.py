@@ -38,6 +38,9 @@ GUIDES: dict[str, tuple[str, bool]] = {
     "radial": ("AutoRadialGuide", True),
     "sylvester": ("AutoSylvesterGuide", True),
     "householder": ("AutoHouseholderGuide", True),
+    "spline": ("AutoNeuralSplineGuide", True),
+    "realnvp": ("AutoRealNVPGuide", True),
+    "naf": ("AutoNAFGuide", True),
 }
 
 

@@ -67,6 +67,15 @@ def test_fit_on_a_reference_posterior_reports_its_errors(capsys):
     assert "against the reference draws" in out and "PSIS k-hat" in out
 
 
+def test_every_guide_name_is_a_guide_class():
+    import pyro.infer.autoguide
+
+    import pyro_flowvi
+
+    for class_name, _ in cli.GUIDES.values():
+        assert hasattr(pyro_flowvi, class_name) or hasattr(pyro.infer.autoguide, class_name)
+
+
 def test_targets_lists_the_synthetic_and_reference_posteriors(capsys):
     assert cli.main(["targets"]) == 0
     out = capsys.readouterr().out
