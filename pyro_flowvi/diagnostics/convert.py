@@ -276,7 +276,7 @@ def _draw_chunks(
     return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}, vectorized
 
 
-def check_counts(
+def _check_counts(
     caller: str,
     num_draws: int,
     chunk_size: int,
@@ -303,7 +303,7 @@ def check_counts(
     return num_proposals
 
 
-def draw(
+def _draw(
     guide: Callable,
     model: Callable,
     args: tuple,
@@ -342,7 +342,7 @@ def draw(
     return layout, draws, vectorized
 
 
-def predict(
+def _predict(
     model: Callable,
     args: tuple,
     kwargs: dict,
@@ -395,12 +395,12 @@ def predict(
         return {name: torch.stack([row[name] for row in rows]) for name in sites}
 
 
-def numpy_rng() -> np.random.Generator:
+def _numpy_rng() -> np.random.Generator:
     """A NumPy generator seeded from torch's global one, so ``pyro.set_rng_seed`` fixes it."""
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
-def resample_draws(
+def _resample_draws(
     draws: dict[str, Tensor], num_draws: int, caller: str, stacklevel: int
 ) -> tuple[dict[str, Tensor], PSISResample]:
     """Keep ``num_draws`` of the draws by their PSIS weights (warns when k-hat is too large)."""
@@ -408,7 +408,7 @@ def resample_draws(
     if not np.all(np.isfinite(log_ratios)):
         bad = int(np.sum(~np.isfinite(log_ratios)))
         raise ValueError(f"{caller}: {bad} proposals have a non-finite log importance ratio")
-    picked = psis_resample(log_ratios, num_draws, rng=numpy_rng(), stacklevel=stacklevel + 2)
+    picked = psis_resample(log_ratios, num_draws, rng=_numpy_rng(), stacklevel=stacklevel + 2)
     index = torch.as_tensor(picked.indices, device=draws["lp"].device)
     return {key: value[index] for key, value in draws.items()}, picked
 
@@ -495,9 +495,9 @@ def to_arviz(
         >>> idata = to_arviz(guide, model, data, num_draws=2000, fit_result=result)
         >>> vi_diagnostics(idata)
     """
-    num_guide_draws = check_counts("to_arviz", num_draws, chunk_size, resample, num_proposals)
+    num_guide_draws = _check_counts("to_arviz", num_draws, chunk_size, resample, num_proposals)
     check_model_call("to_arviz", model, args, kwargs, options(to_arviz))
-    layout, draws, _ = draw(
+    layout, draws, _ = _draw(
         guide, model, args, kwargs, num_guide_draws, chunk_size, parallel, "to_arviz", 2
     )
 
@@ -514,7 +514,7 @@ def to_arviz(
     stats = {}
     if resample:
         proposals = numpy(draws["lp"] - draws["log_q"])[0]
-        draws, picked = resample_draws(draws, num_draws, "to_arviz", 2)
+        draws, picked = _resample_draws(draws, num_draws, "to_arviz", 2)
         stats["proposal"] = picked.indices[None]
         attrs.update(
             {

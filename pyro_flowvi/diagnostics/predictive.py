@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _arviz
 from ._checks import check_model_call, options
-from .convert import check_counts, draw, predict, resample_draws
+from .convert import _check_counts, _draw, _predict, _resample_draws
 from .report import khat_threshold
 
 
@@ -126,15 +126,15 @@ def sample_posterior(
         >>> samples = sample_posterior(guide, model, X, y, num_samples=1000, resample=True)
         >>> samples["w"].mean(0), samples.khat
     """
-    num_guide_draws = check_counts(
+    num_guide_draws = _check_counts(
         "sample_posterior", num_samples, chunk_size, resample, num_proposals
     )
     check_model_call("sample_posterior", model, args, kwargs, options(sample_posterior))
-    layout, draws, vectorized = draw(
+    layout, draws, vectorized = _draw(
         guide, model, args, kwargs, num_guide_draws, chunk_size, parallel, "sample_posterior", 2
     )
     if resample:
-        draws, picked = resample_draws(draws, num_samples, "sample_posterior", 2)
+        draws, picked = _resample_draws(draws, num_samples, "sample_posterior", 2)
         khat, threshold, is_ess, replace = (
             picked.khat,
             picked.khat_threshold,
@@ -156,7 +156,7 @@ def sample_posterior(
             f"sample_posterior: return_sites {unknown} are not sites of the model; it has {known}"
         )
     conditioned = {n: v for n, v in latent.items() if n not in layout.deterministic}
-    predicted = predict(
+    predicted = _predict(
         model,
         args,
         kwargs,
