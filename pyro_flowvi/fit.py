@@ -1,11 +1,19 @@
-"""The SVI loop as one call: ELBO trace, progress bar, NaN guard, Ctrl-C and checkpoints.
+"""The SVI loop as one call: ELBO trace, progress bar, NaN and divergence guards, checkpoints.
 
 :func:`fit` runs stochastic variational inference for any Pyro model and guide and returns a
 :class:`FitResult` with the ELBO of every step and the wall time. Each step does what
-:meth:`pyro.infer.SVI.step` does (loss and gradients, then one optimizer update), with one
-difference: the loss and the gradients are checked *before* the update, so a non-finite step
-stops the fit with the parameters still at their last finite values and an error that names
-the parameter or sample site responsible.
+:meth:`pyro.infer.SVI.step` does (loss and gradients, then one optimizer update), with these
+differences:
+
+- the loss and the gradients are checked *before* the update, so a non-finite step stops the
+  fit with the parameters still at their last finite values and an error that names the
+  parameter or sample site responsible (:class:`NonFiniteLossError`);
+- an ELBO that falls far below its best (:class:`DivergenceRule`) stops the fit with the best
+  parameters put back, or warns (:class:`DivergenceWarning`);
+- Ctrl-C is deferred while an update and its bookkeeping run, so an interrupted fit always
+  holds a whole number of steps and resumes from its checkpoint bit for bit;
+- checkpoints hold tensors and plain data only and load without running code
+  (:class:`CheckpointError` for anything else).
 
 Guides that need an effect handler around every step (for example the local
 reparameterization of multiplicative-normalizing-flow weights) expose a method
@@ -15,16 +23,21 @@ step.
 
 from __future__ import annotations
 
-__all__ = ["FitResult", "NonFiniteLossError", "fit"]
+__all__ = [
+    "CheckpointError",
+    "DivergenceRule",
+    "DivergenceWarning",
+    "FitResult",
+    "NonFiniteLossError",
+    "fit",
+]
 
-import contextlib
 import logging
 import math
 import os
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,31 +49,29 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import zero_grads
 from pyro.util import get_rng_state, set_rng_state
-from torch.distributions import transform_to
+
+from ._checkpoint import (
+    CheckpointError,
+    describe_constraint,
+    load_optimizer_states,
+    optimizer_description,
+    optimizer_states,
+    read_checkpoint,
+    restore_optimizer,
+    restore_params_and_buffers,
+    rng_from_plain,
+    rng_to_plain,
+    write_checkpoint,
+)
+from ._divergence import DivergenceGuard, DivergenceRule, DivergenceWarning
+from ._fit_helpers import SigintGuard, check_call, closing, progress_bar
+from ._nonfinite import NonFiniteLossError, diagnose, grads_finite, step_context
 
 _LOG = logging.getLogger(__name__)
-_CHECKPOINT_VERSION = 1
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient of :func:`fit` became NaN or infinite.
-
-    Attributes:
-        step: the 0-based step at which it happened (no update was applied at this step).
-        site: the name of the first parameter or sample site found non-finite, or ``None``.
-        kind: what ``site`` is: ``"parameter"``, ``"gradient"``, ``"guide site"``,
-            ``"model site"`` or ``None``.
-        loss: the loss value of the step.
-    """
-
-    def __init__(
-        self, message: str, *, step: int, site: str | None, kind: str | None, loss: float
-    ) -> None:
-        super().__init__(message)
-        self.step = step
-        self.site = site
-        self.kind = kind
-        self.loss = loss
+# defined in private modules, public here: tracebacks and pickles name this module
+for _public in (CheckpointError, DivergenceRule, DivergenceWarning, NonFiniteLossError):
+    _public.__module__ = __name__
 
 
 @dataclass
@@ -75,6 +86,13 @@ class FitResult:
         interrupted: whether the fit was stopped with Ctrl-C (``KeyboardInterrupt``).
         resumed_from: the step a checkpoint was resumed from (0 for a fresh fit).
         checkpoint: the checkpoint path, if any.
+        diverged_at: the first step at which the divergence rule fired (see
+            :class:`DivergenceRule`), or ``None``.
+        best_step: the last step of the window with the best median ELBO, or ``None`` when no
+            full window was seen (or ``divergence="ignore"``).
+        best_elbo: that best median ELBO, or ``None``.
+        restored_best: whether the parameters, buffers and optimizer state were put back to
+            those ``best_step`` was estimated at (``divergence="stop"``).
     """
 
     elbo_trace: np.ndarray
@@ -83,6 +101,10 @@ class FitResult:
     interrupted: bool = False
     resumed_from: int = 0
     checkpoint: str | None = None
+    diverged_at: int | None = None
+    best_step: int | None = None
+    best_elbo: float | None = None
+    restored_best: bool = False
 
     def smoothed_elbo(self, window: int | None = None) -> float:
         """Mean ELBO over the last ``window`` steps (default: the last 10%, at least one).
@@ -99,16 +121,18 @@ class FitResult:
         return float(np.mean(self.elbo_trace[-window:]))
 
     def __repr__(self) -> str:
-        last = f"{self.smoothed_elbo():.4g}" if self.num_steps else "n/a"
-        return (
+        last = f"{self.smoothed_elbo():.6g}" if self.num_steps else "n/a"
+        text = (
             f"FitResult(num_steps={self.num_steps}, smoothed_elbo={last}, "
-            f"wall_time={self.wall_time:.2f}s, interrupted={self.interrupted})"
+            f"wall_time={self.wall_time:.2f}s, interrupted={self.interrupted}"
         )
-
-
-def _step_context(guide: Callable) -> contextlib.AbstractContextManager:
-    make = getattr(guide, "step_context", None)
-    return make() if callable(make) else contextlib.nullcontext()
+        if self.diverged_at is not None:
+            best = "n/a" if self.best_elbo is None else f"{self.best_elbo:.6g}"
+            text += (
+                f", diverged_at={self.diverged_at}, best_step={self.best_step}, "
+                f"best_elbo={best}, restored_best={self.restored_best}"
+            )
+        return text + ")"
 
 
 def _loss_and_grads(loss: Any, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
@@ -127,203 +151,156 @@ def _as_float(loss: Any) -> float:
     return float(loss)
 
 
-def _grads_finite(params: set[torch.Tensor]) -> bool:
-    sums = [p.grad.sum() for p in params if p.grad is not None]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+def _build(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
+    """Run the guide and the model once, as a step would; return their parameter names.
 
-
-def _first_nonfinite_site(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict
-) -> tuple[str, str, str] | None:
-    """Re-run guide then model; return ``(kind, name, what)`` of the first non-finite site."""
-    # validation would raise on the non-finite parameters this replay is meant to locate
-    with torch.no_grad(), _step_context(guide), pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    for kind, trace in (("guide site", guide_trace), ("model site", model_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic", False):
-                continue
-            value = site["value"]
-            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
-                return kind, name, "its value is not finite"
-            with pyro.validation_enabled(False):
-                log_prob = site["fn"].log_prob(value)
-            if not torch.isfinite(log_prob).all():
-                return kind, name, "its log-density is not finite"
-    return None
-
-
-def _diagnose(
-    step: int,
-    loss_value: float,
-    params: set[torch.Tensor],
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    rng_state: dict,
-) -> NonFiniteLossError | None:
-    """Find what made a step non-finite; ``None`` when a finite loss has finite gradients.
-
-    The gradient check before this call sums each gradient, which can overflow to infinity
-    for finite gradients; then nothing is found here and the step goes ahead.
+    Lazy guides create their parameters here, with gradients enabled as in a step. The
+    random-number state is put back afterwards, so the first step draws what it would draw
+    with a guide built beforehand: the trace does not depend on whether it was.
     """
-    store = pyro.get_param_store()
-    named = sorted((store.param_name(p), p) for p in params)
-    tail = "; no update was applied at this step, parameters keep their previous values"
-    for name, p in named:
-        if not torch.isfinite(p).all():
-            return NonFiniteLossError(
-                f"fit: parameter {name!r} is not finite at step {step} (loss {loss_value}){tail}",
-                step=step,
-                site=name,
-                kind="parameter",
-                loss=loss_value,
-            )
-    if math.isfinite(loss_value):
-        for name, p in named:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return NonFiniteLossError(
-                    f"fit: the gradient of parameter {name!r} is not finite at step {step} "
-                    f"(loss {loss_value}){tail}",
-                    step=step,
-                    site=name,
-                    kind="gradient",
-                    loss=loss_value,
-                )
-        return None
-    after = get_rng_state()
-    set_rng_state(rng_state)  # replay the draw that produced the bad loss
+    rng = get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        found = _first_nonfinite_site(model, guide, args, kwargs)
+        with poutine.trace(param_only=True) as capture, step_context(guide):
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     finally:
-        set_rng_state(after)
-    if found is not None:
-        kind, name, what = found
-        return NonFiniteLossError(
-            f"fit: loss is {loss_value} at step {step}: first non-finite is {kind} {name!r}: "
-            f"{what}{tail}",
-            step=step,
-            site=name,
-            kind=kind,
-            loss=loss_value,
-        )
-    return NonFiniteLossError(
-        f"fit: loss is {loss_value} at step {step}; no parameter or sample site was found "
-        f"non-finite when the step was replayed{tail}",
-        step=step,
-        site=None,
-        kind=None,
-        loss=loss_value,
+        set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return list(capture.trace.nodes)
+
+
+def _params(names: list[str]) -> dict[str, torch.Tensor]:
+    """Name -> unconstrained tensor in Pyro's parameter store (the tensors the optimizer steps)."""
+    store = dict(pyro.get_param_store().named_parameters())
+    return {name: store[name] for name in names}
+
+
+def _constraints(names: list[str]) -> dict[str, Any]:
+    store = pyro.get_param_store()
+    return {name: store._constraints[name] for name in names}
+
+
+def _buffers(model: Callable, guide: Callable) -> dict[str, dict[str, torch.Tensor]]:
+    def own(obj: Any) -> dict[str, torch.Tensor]:
+        return dict(obj.named_buffers()) if isinstance(obj, torch.nn.Module) else {}
+
+    return {"model_buffers": own(model), "guide_buffers": own(guide)}
+
+
+def _can_save_optim(optim: Any) -> bool:
+    return isinstance(optim, pyro.optim.PyroOptim) or (
+        hasattr(optim, "get_state") and hasattr(optim, "set_state")
     )
 
 
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
+def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in tensors.items()}
 
 
-@contextlib.contextmanager
-def _closing(bar: Any) -> Iterator[Any]:
-    try:
-        yield bar
-    finally:
-        if bar is not None:
-            bar.close()
+def _snapshot(names: list[str], model: Callable, guide: Callable, optim: Any) -> dict[str, Any]:
+    """Copies of the parameters, module buffers and optimizer state, for the best window."""
+    return {
+        "params": _clone(_params(names)),
+        "buffers": {key: _clone(own) for key, own in _buffers(model, guide).items()},
+        "optim": optimizer_states(optim, names, clone=True) if _can_save_optim(optim) else None,
+    }
 
 
-def _module_buffers(obj: Any) -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.nn.Module):
-        return {k: v.detach().clone() for k, v in obj.named_buffers()}
-    return {}
+def _restore_snapshot(
+    snapshot: dict[str, Any], names: list[str], model: Callable, guide: Callable, optim: Any
+) -> None:
+    params, buffers = _params(names), _buffers(model, guide)
+    with torch.no_grad():
+        for name, value in snapshot["params"].items():
+            params[name].copy_(value)
+        for key, own in buffers.items():
+            for name, value in snapshot["buffers"].get(key, {}).items():
+                own[name].copy_(value)
+    if snapshot.get("optim") is not None:
+        load_optimizer_states(optim, snapshot["optim"])
 
 
-def _save_checkpoint(
-    path: Path,
-    optim: Any,
+def _checkpoint_state(
+    names: list[str],
     model: Callable,
     guide: Callable,
+    optim: Any,
     elbo: list[float],
     wall_time: float,
-) -> None:
-    state = {
-        "version": _CHECKPOINT_VERSION,
+    guard: DivergenceGuard,
+    stopped: bool,
+) -> dict[str, Any]:
+    params, constraints = _params(names), _constraints(names)
+    return {
         "step": len(elbo),
-        "elbo_trace": list(elbo),
-        "wall_time": wall_time,
-        "param_store": pyro.get_param_store().get_state(),
-        "optim": optim.get_state(),
-        "rng": get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "model_buffers": _module_buffers(model),
-        "guide_buffers": _module_buffers(guide),
+        "elbo_trace": torch.tensor(elbo, dtype=torch.float64),
+        "wall_time": float(wall_time),
+        "params": _clone(params),
+        "constraints": {name: describe_constraint(c) for name, c in constraints.items()},
+        "optim": {
+            "description": optimizer_description(optim, params),
+            "states": optimizer_states(optim, names, clone=False),
+        },
+        "rng": rng_to_plain(get_rng_state()),
+        "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else None,
+        **{key: _clone(own) for key, own in _buffers(model, guide).items()},
+        "divergence": guard.state(stopped),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _restore_params(saved: dict, path: Path) -> None:
-    store = pyro.get_param_store()
-    current = dict(store.named_parameters())
-    missing = sorted(set(current) - set(saved["params"]))
-    if missing:
-        raise ValueError(
-            f"fit: checkpoint {str(path)!r} does not match this model and guide: it has no "
-            f"values for parameters {missing}"
-        )
-    with torch.no_grad():
-        for name, value in saved["params"].items():
-            if name not in current:
-                constraint = saved["constraints"][name]
-                pyro.param(name, transform_to(constraint)(value.detach()), constraint=constraint)
-                continue
-            if current[name].shape != value.shape:
-                raise ValueError(
-                    f"fit: checkpoint {str(path)!r} holds parameter {name!r} with shape "
-                    f"{tuple(value.shape)}, the model and guide have {tuple(current[name].shape)}"
-                )
-            # in place, so modules that own these tensors and the optimizer keep pointing at them
-            current[name].copy_(value)
-
-
-def _load_buffers(obj: Any, buffers: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.nn.Module) and buffers:
-        own = dict(obj.named_buffers())
-        with torch.no_grad():
-            for name, value in buffers.items():
-                if name in own:
-                    own[name].copy_(value)
 
 
 def _resume(
-    path: Path, optim: Any, model: Callable, guide: Callable, args: tuple, kwargs: dict
-) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(f"fit: {str(path)!r} is not a pyro-flowvi fit checkpoint")
-    # Create every parameter (lazy autoguides build theirs on the first call), then overwrite.
-    with torch.no_grad(), _step_context(guide):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    _load_buffers(model, state["model_buffers"])
-    _load_buffers(guide, state["guide_buffers"])
-    _restore_params(state["param_store"], path)
-    optim.set_state(state["optim"])
-    set_rng_state(state["rng"])
+    path: Path,
+    state: dict,
+    names: list[str],
+    optim: Any,
+    model: Callable,
+    guide: Callable,
+    default_optim: bool,
+) -> None:
+    params = _params(names)
+    restore_params_and_buffers(path, state, params, _constraints(names), _buffers(model, guide))
+    restore_optimizer(path, optim, state["optim"], params, keep_saved=default_optim)
+    set_rng_state(rng_from_plain(state["rng"]))
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
 
 
+def _divergence_rule(divergence: str | DivergenceRule) -> DivergenceRule:
+    if isinstance(divergence, DivergenceRule):
+        return divergence
+    if isinstance(divergence, str):
+        return DivergenceRule(action=divergence)
+    raise ValueError(
+        f"fit: divergence must be 'stop', 'warn', 'ignore' or a DivergenceRule, got {divergence!r}"
+    )
+
+
+def _divergence_message(guard: DivergenceGuard, restored: bool, action: str) -> str:
+    rule = guard.rule
+    text = (
+        f"fit: the ELBO diverged at step {guard.diverged_at}: the median of the last "
+        f"{rule.window} steps fell more than {guard.threshold:.4g} below the best median "
+        f"{guard.best:.6g} (step {guard.best_step}), that is {rule.noise_multiple:g} standard "
+        f"errors of a median ({guard.standard_error:.4g} each) plus {rule.floor:g} nats"
+    )
+    if action == "warn":
+        return text + "; continuing (divergence='warn'); the parameters at the end are the last"
+    if restored:
+        return (
+            text + f"; stopped, with the parameters (and optimizer state) of step "
+            f"{guard.best_step} put back. A smaller learning rate, more particles or another "
+            "start usually help"
+        )
+    return (
+        text + "; stopped, but the best parameters could not be put back (the checkpoint "
+        "resumed from holds no copy of them)"
+    )
+
+
+# gradients on whatever the caller's grad mode: a step needs them, and a guide's start may
+@torch.enable_grad()
 def fit(
     model: Callable,
     guide: Callable,
@@ -335,6 +312,7 @@ def fit(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
+    divergence: str | DivergenceRule = "stop",
     **kwargs: Any,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
@@ -350,14 +328,30 @@ def fit(
         loss: an ELBO object (default :class:`pyro.infer.Trace_ELBO`) or a callable
             ``loss(model, guide, *args, **kwargs)`` returning a differentiable tensor.
         lr: learning rate of the default optimizer (default ``1e-2``); only without ``optim``.
-        progress: show a tqdm progress bar (step, smoothed ELBO, rate). It stays quiet when
-            stderr is not a terminal or tqdm is not installed.
-        checkpoint: a file path. The parameter store, the optimizer state, the RNG state and
-            the ELBO trace are saved there every ``checkpoint_every`` steps, at the end and
-            on Ctrl-C; if the file exists, the fit resumes from it and reproduces the trace of
-            an uninterrupted fit. Checkpoints are pickles: load only your own.
+        progress: show a tqdm progress bar (step, smoothed ELBO, rate) on a terminal or in a
+            Jupyter kernel (a notebook widget there when ipywidgets is installed); quiet in
+            other processes (CI, pytest, output piped to a file) and without tqdm.
+        checkpoint: a file path. The parameters of this model and guide, their module
+            buffers, the optimizer state, the random-number state and the ELBO trace are
+            saved there every ``checkpoint_every`` steps, at the end, on Ctrl-C and when the
+            divergence rule stops the fit; if the file exists, the fit resumes from it and
+            reproduces the trace of an uninterrupted fit bit for bit. The file holds tensors
+            and plain data only and is read with ``torch.load(weights_only=True)``, so a
+            file crafted to run code is refused without running it. A checkpoint from
+            another model, guide or optimizer class is refused, naming what differs. An
+            optimizer with other hyper-parameters (a new ``lr``) takes over the checkpoint's
+            optimizer state (Adam's moments) with its own hyper-parameters; without ``optim``
+            and ``lr``, the checkpoint's hyper-parameters are kept.
         checkpoint_every: steps between checkpoints.
-        **kwargs: keyword arguments of ``model`` and ``guide``.
+        divergence: what to do when the ELBO falls far below its best: ``"stop"`` (default;
+            put back the parameters, module buffers and optimizer state of the best window
+            and stop), ``"warn"`` (warn once and go on) or ``"ignore"``; or a
+            :class:`DivergenceRule` with its own thresholds. Either way a
+            :class:`DivergenceWarning` says what happened, and the result has
+            ``diverged_at``, ``best_step``, ``best_elbo`` and ``restored_best``. The rule
+            assumes a fixed objective: pass ``"ignore"`` for an annealed loss.
+        **kwargs: keyword arguments of ``model`` and ``guide``; each must be a parameter of
+            both (or both must take ``**kwargs``).
 
     Returns:
         A :class:`FitResult`. Parameters stay in Pyro's parameter store (and in the guide).
@@ -366,12 +360,24 @@ def fit(
         NonFiniteLossError: at the first step whose loss or gradient is NaN or infinite,
             naming the first non-finite parameter or sample site; no update is applied at
             that step.
-        ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every`` or a checkpoint
-            that does not match the model and guide.
+        CheckpointError: (a ``ValueError``) for a checkpoint file that is empty, truncated,
+            foreign, unsafe, of another format version, or written for another model, guide
+            or optimizer.
+        TypeError: before fitting, for a keyword argument that the model or the guide does
+            not take (``learning_rate=`` suggests ``lr=``), or positional arguments they
+            cannot take.
+        ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every`` or ``divergence``.
+
+    ``fit`` runs with gradients enabled, also when called under ``torch.no_grad()``. Before
+    the first step, it runs the guide and the model once (as a step does) so that lazy guides
+    create their parameters; the random-number state is put back afterwards, so the trace
+    does not depend on whether the guide was built already.
 
     Ctrl-C (``KeyboardInterrupt``) ends the loop cleanly: the parameters learned so far are
     kept, a checkpoint is written when one was asked for, and the result has
-    ``interrupted=True``.
+    ``interrupted=True``. An interrupt during the loss and gradient computation drops that
+    step (its draws are rewound); one during the optimizer update or its bookkeeping (trace,
+    random-number state, checkpoint) takes effect once the step is recorded.
 
     Example:
         >>> guide = AutoIAFGuide(model)
@@ -386,37 +392,55 @@ def fit(
         raise ValueError(f"fit: checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     if optim is not None and lr is not None:
         raise ValueError(f"fit: pass lr (got {lr!r}) or optim, not both")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+    if lr is not None and not (
+        isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0
+    ):
         raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
+    rule = _divergence_rule(divergence)
+    check_call(model, guide, args, kwargs)
+    default_optim = optim is None and lr is None
     if optim is None:
         optim = pyro.optim.Adam({"lr": 1e-2 if lr is None else float(lr)})
     if loss is None:
         loss = Trace_ELBO()
     path = None if checkpoint is None else Path(checkpoint)
-    if path is not None and not (hasattr(optim, "get_state") and hasattr(optim, "set_state")):
+    if path is not None and not _can_save_optim(optim):
         raise ValueError(
             f"fit: checkpoints need an optimizer with get_state/set_state, got {type(optim)}"
         )
+    saved = read_checkpoint(path) if path is not None and path.exists() else None
 
+    names = _build(model, guide, args, kwargs)
+    known = set(names)
+    guard = DivergenceGuard(rule)
     elbo: list[float] = []
     prior_time = 0.0
-    if path is not None and path.exists():
-        state = _resume(path, optim, model, guide, args, kwargs)
-        elbo = [float(x) for x in state["elbo_trace"]]
-        prior_time = float(state["wall_time"])
+    if saved is not None:
+        _resume(path, saved, names, optim, model, guide, default_optim)
+        elbo = saved["elbo_trace"].tolist()
+        prior_time = float(saved["wall_time"])
+        guard.resume(elbo, saved["divergence"])
         _LOG.info("fit: resumed from %s at step %d", path, len(elbo))
     resumed_from = len(elbo)
+    last_saved = resumed_from if saved is not None else None
 
-    interrupted = False
+    interrupted = stopped = restored = False
     smoothed = elbo[-1] if elbo else None
     start = time.perf_counter()
 
     def elapsed() -> float:
         return prior_time + time.perf_counter() - start
 
+    def save() -> None:
+        nonlocal last_saved
+        state = _checkpoint_state(names, model, guide, optim, elbo, elapsed(), guard, stopped)
+        write_checkpoint(path, state)
+        last_saved = len(elbo)
+
     rng_state = None
     with (
-        _closing(_progress_bar(progress, num_steps, min(resumed_from, num_steps))) as bar,
+        SigintGuard() as sigint,
+        closing(progress_bar(progress, num_steps, min(resumed_from, num_steps))) as bar,
         warnings.catch_warnings(),
     ):
         # Pyro's "Encountered NaN: loss" would only precede the NonFiniteLossError below
@@ -424,27 +448,52 @@ def fit(
         try:
             for step in range(resumed_from, num_steps):
                 rng_state = get_rng_state()
-                with poutine.trace(param_only=True) as capture, _step_context(guide):
+                with poutine.trace(param_only=True) as capture, step_context(guide):
                     loss_value = _as_float(_loss_and_grads(loss, model, guide, args, kwargs))
                 params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-                if not (math.isfinite(loss_value) and _grads_finite(params)):
-                    error = _diagnose(
+                if not known.issuperset(capture.trace.nodes):
+                    # a parameter first created in a step (a branch the first run missed)
+                    names += [name for name in capture.trace.nodes if name not in known]
+                    known.update(names)
+                if not (math.isfinite(loss_value) and grads_finite(params)):
+                    error = diagnose(
                         step, loss_value, params, model, guide, args, kwargs, rng_state
                     )
                     if error is not None:
                         zero_grads(params)
                         raise error
-                optim(params)
-                zero_grads(params)
-                elbo.append(-loss_value)
-                rng_state = None  # the step is complete
-                smoothed = -loss_value if smoothed is None else 0.95 * smoothed - 0.05 * loss_value
-                if bar is not None:
-                    bar.update(1)
-                    if step % 10 == 0 or step == num_steps - 1:
-                        bar.set_postfix(elbo=f"{smoothed:.4g}", refresh=False)
-                if path is not None and len(elbo) % checkpoint_every == 0:
-                    _save_checkpoint(path, optim, model, guide, elbo, elapsed())
+                # From here to the end of the step a Ctrl-C waits: the update, the trace and
+                # the checkpoint are one unit, so a resume never repeats or loses a step.
+                with sigint.deferred():
+                    elbo.append(-loss_value)
+                    event = guard.observe(elbo)
+                    if event == "improved" and rule.action == "stop":
+                        # the parameters now are the ones this step's ELBO was estimated at
+                        guard.take_snapshot(_snapshot(names, model, guide, optim))
+                    if event == "diverged" and rule.action == "stop":
+                        stopped = True
+                        if guard.snapshot is not None:
+                            _restore_snapshot(guard.snapshot, names, model, guide, optim)
+                            restored = True
+                    else:
+                        optim(params)
+                    zero_grads(params)
+                    rng_state = None  # the step is complete
+                    smoothed = (
+                        -loss_value if smoothed is None else 0.95 * smoothed - 0.05 * loss_value
+                    )
+                    if bar is not None:
+                        bar.update(1)
+                        if step % 10 == 0 or step == num_steps - 1:
+                            bar.set_postfix(elbo=f"{smoothed:.6g}", refresh=False)
+                    if path is not None and (len(elbo) % checkpoint_every == 0 or stopped):
+                        save()
+                if stopped:
+                    break
+                if event == "diverged":
+                    warnings.warn(
+                        _divergence_message(guard, False, "warn"), DivergenceWarning, stacklevel=2
+                    )
         except KeyboardInterrupt:
             interrupted = True
             if rng_state is not None:
@@ -452,15 +501,21 @@ def fit(
                 # so that a resume from the checkpoint repeats it exactly
                 set_rng_state(rng_state)
             # drop gradients a half-finished step may have left behind
-            for _, p in pyro.get_param_store().named_parameters():
+            for p in _params(names).values():
                 p.grad = None
             _LOG.warning(
                 "fit: interrupted after %d steps; the parameters learned so far are kept",
                 len(elbo),
             )
+        if path is not None and last_saved != len(elbo):
+            with sigint.deferred(reraise=False) as section:
+                save()
+            interrupted = interrupted or section.interrupted
     wall_time = elapsed()
-    if path is not None and (interrupted or len(elbo) % checkpoint_every != 0 or not elbo):
-        _save_checkpoint(path, optim, model, guide, elbo, wall_time)
+    if stopped:
+        warnings.warn(
+            _divergence_message(guard, restored, "stop"), DivergenceWarning, stacklevel=2
+        )
     return FitResult(
         elbo_trace=np.asarray(elbo, dtype=np.float64),
         wall_time=wall_time,
@@ -468,4 +523,8 @@ def fit(
         interrupted=interrupted,
         resumed_from=resumed_from,
         checkpoint=None if path is None else str(path),
+        diverged_at=guard.diverged_at,
+        best_step=guard.best_step,
+        best_elbo=guard.best,
+        restored_best=restored,
     )
