@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from .amortized import AutoAmortizedFlowGuide, FlowEncoder
 from .distributions import FlowDistribution
-from .fit import FitResult, NonFiniteLossError, fit
+from .fit import (
+    CheckpointError,
+    DivergenceRule,
+    DivergenceWarning,
+    FitResult,
+    NonFiniteLossError,
+    fit,
+)
 from .guides import (
     AutoFlowGuide,
     AutoHouseholderGuide,
@@ -37,6 +44,9 @@ __all__ = [
     "AutoRadialGuide",
     "AutoRealNVPGuide",
     "AutoSylvesterGuide",
+    "CheckpointError",
+    "DivergenceRule",
+    "DivergenceWarning",
     "FitResult",
     "FlowDistribution",
     "FlowEncoder",
