@@ -54,7 +54,9 @@ from __future__ import annotations
 
 __all__ = ["TraceIW_ELBO", "TraceSTL_ELBO"]
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +96,15 @@ def _unwrap(fn: dist.Distribution) -> dist.Distribution:
     while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)):
         fn = fn.base_dist
     return fn
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without growing it."""
+    lead = len(shape) - len(target)
+    if lead > 0 and any(size != 1 for size in shape[:lead]):
+        return False
+    tail = shape[max(lead, 0) :]
+    return all(a in (1, b) for a, b in zip(tail, target[len(target) - len(tail) :], strict=True))
 
 
 def _sum_to_shape(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -137,10 +148,9 @@ class _ScaleGrad(torch.autograd.Function):
         return scaled, None, None
 
 
-def _reduce(value: Tensor | float, keep: frozenset[int], rank: int, like: Tensor) -> Tensor:
-    """Sum ``value`` over every dimension whose negative index is not in ``keep``; the result
+def _reduce(tensor: Tensor, keep: frozenset[int], rank: int) -> Tensor:
+    """Sum ``tensor`` over every dimension whose negative index is not in ``keep``; the result
     has ``rank`` dimensions, of size 1 outside ``keep``."""
-    tensor = value if torch.is_tensor(value) else like.new_tensor(value)
     dims = [i for i in range(tensor.dim()) if i - tensor.dim() not in keep]
     if dims:
         tensor = tensor.sum(dims, keepdim=True)
@@ -420,10 +430,7 @@ class _ReparamELBO(ELBO):
                         "did not sample"
                     )
                 shape = site["log_prob"].shape
-                if (
-                    not torch.is_tensor(value)
-                    or torch.broadcast_shapes(value.shape, shape) != shape
-                ):
+                if not (torch.is_tensor(value) and _broadcasts_to(value.shape, shape)):
                     got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                     raise ValueError(
                         f"{type(self).__name__}: the fixed-value log q of guide site "
@@ -524,33 +531,30 @@ class _ReparamELBO(ELBO):
         keep = self._kept_dims(runs[0], particle_dim)
         temperature = self._temperature(runs[0], keep, particle_dim)
         rank = max((-d for d in keep), default=0)
+
+        def total(values: Iterator[Tensor], empty: Tensor | None = None) -> Tensor:
+            terms = [_reduce(value, keep, rank) for value in values]
+            if not terms:
+                if empty is None:
+                    raise ValueError(f"{type(self).__name__}: the model has no sample site")
+                return torch.zeros_like(empty)
+            return functools.reduce(operator.add, terms)
+
         log_p, log_q, log_q_path = [], [], []
         for run in runs:
-            like = next(
-                site["log_prob"] for _, site in _sample_sites(run.model_trace)
-            )  # every model has a site; its dtype and device serve the constants
-            lp = sum(
-                (
-                    _reduce(site["log_prob"], keep, rank, like)
-                    for _, site in _sample_sites(run.model_trace)
-                ),
-                like.new_zeros((1,) * rank),
-            )
-            lq = sum(
-                (
-                    _reduce(site["log_prob"], keep, rank, like)
-                    for _, site in _sample_sites(run.guide_trace)
-                    if not site["is_observed"]
-                ),
-                like.new_zeros((1,) * rank),
-            )
+            lp = total(site["log_prob"] for _, site in _sample_sites(run.model_trace))
+            guide_sites = [s for _, s in _sample_sites(run.guide_trace) if not s["is_observed"]]
+            lq = total((site["log_prob"] for site in guide_sites), lp)
             path = lq
             if run.fixed:
-                score = like.new_zeros((1,) * rank)
-                for site_name, value in run.fixed.items():
-                    site = run.guide_trace.nodes[site_name]
-                    value = scale_and_mask(value, site["scale"], site["mask"])
-                    score = score + _reduce(value, keep, rank, like)
+                nodes = run.guide_trace.nodes
+                score = total(
+                    (
+                        scale_and_mask(value, nodes[name]["scale"], nodes[name]["mask"])
+                        for name, value in run.fixed.items()
+                    ),
+                    lq,
+                )
                 path = lq - score + score.detach()
             log_p.append(lp)
             log_q.append(lq)

@@ -7,7 +7,9 @@ with tolerances of a few standard errors.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -603,3 +605,44 @@ def test_pyro_flow_without_inverse_is_refused_clearly():
 def test_bad_arguments_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "estimators.py"
+    spec = importlib.util.spec_from_file_location("estimators_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_log_weights_give_the_exact_kl(bench):
+    x = torch.tensor(bench.DATA)
+    guide = bench.conjugate_guide(x, 0.0, 1.0)
+    kl, se, gap = bench.quality(bench.conjugate_model, guide, (x,), 1, bench.conjugate_log_z(x))
+    assert abs(kl) < 1e-9 and se < 1e-9 and abs(gap) < 1e-9
+    guide = bench.conjugate_guide(x, 0.7, 1.8)
+    with torch.no_grad():
+        exact = bench.conjugate_log_z(x) - exact_elbo(
+            x, guide.locs.mu, torch.diag(guide.scales.mu**2)
+        )
+    kl, se, _ = bench.quality(bench.conjugate_model, guide, (x,), 1, bench.conjugate_log_z(x))
+    assert abs(kl - exact.item()) < 4 * se
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--section", "snr", "--num-draws", "3", "--train-steps", "2"],
+        ["--section", "fit", "--num-steps", "2"],
+        ["--section", "drift", "--dim", "4", "--num-steps", "2", "--guides", "planar"],
+    ],
+)
+def test_benchmark_script_runs(bench, argv):
+    text = bench.main(bench.parse_args(argv))
+    assert "nan" not in text.lower() and "inf" not in text.lower()
+    assert text.count("\n") >= 3
