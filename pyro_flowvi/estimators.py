@@ -257,6 +257,11 @@ def _fixed_value_log_probs(
                 "its transforms need an inverse (Pyro's planar, radial and Sylvester "
                 "transforms have none; pyro-flowvi's layers do)"
             ) from error
+        except ValueError as error:  # validation of a non-finite inverse
+            raise ValueError(
+                f"{owner}: the posterior of {type(guide).__name__} failed to score its own draw "
+                f"at site {name!r} with the parameters held fixed: {error}"
+            ) from error
     return _replay_log_probs(owner, guide, trace, args, kwargs)
 
 
@@ -435,6 +440,15 @@ class _ReparamELBO(ELBO):
                     raise ValueError(
                         f"{type(self).__name__}: the fixed-value log q of guide site "
                         f"{site_name!r} has shape {got}, the site's batch shape is {tuple(shape)}"
+                    )
+                bad = ~torch.isfinite(value.detach())
+                if bool(bad.any()) and bool(torch.isfinite(site["log_prob"].detach()).all()):
+                    raise ValueError(
+                        f"{type(self).__name__}: log q of guide site {site_name!r} at its own "
+                        f"draws, with the parameters held fixed, is not finite at "
+                        f"{int(bad.sum())} of {value.numel()} draws although their log q is: "
+                        "the guide's inverse (or log_prob_at) failed there, e.g. a flow "
+                        "inverse that overflows"
                     )
         return _Run(model_trace, guide_trace, fixed)
 
