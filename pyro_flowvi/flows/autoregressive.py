@@ -119,12 +119,17 @@ class Autoregressive(Flow):
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
         y = y.expand(batch + y.shape[-1:])
-        x = torch.zeros_like(y)
-        ladj = y.new_zeros(batch)
+        # theta_k depends on x_{<k} only, which the previous passes made exact; the MADE
+        # evaluates the units coordinate k needs, from the inputs fixed so far.
+        steps = self.made.incremental(context, batch)
+        columns, log_derivatives = [], []
         for k in range(self.input_dim):
-            # theta_k depends on x_{<k} only, which the previous passes made exact.
-            params = self._params(x, context)[..., k : k + 1]
+            params = steps.outputs(k).unsqueeze(-1)  # (..., P, 1)
             x_k, log_derivative = self.transformer.inverse(y[..., k : k + 1], params)
-            x = torch.cat([x[..., :k], x_k, x[..., k + 1 :]], dim=-1)
-            ladj = ladj + log_derivative[..., 0]
+            columns.append(x_k)
+            log_derivatives.append(log_derivative)
+            if k + 1 < self.input_dim:
+                steps.append(k, x_k[..., 0])
+        x = torch.cat(columns, dim=-1) if len(columns) > 1 else columns[0]
+        ladj = torch.cat(log_derivatives, dim=-1).sum(-1)
         return x, ladj
