@@ -6,6 +6,10 @@ back-substitution it replaced, its fallback and its gradients; the autoregressiv
 
 from __future__ import annotations
 
+import importlib.util
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -421,3 +425,22 @@ def test_autoregressive_inverse_broadcasts_a_context_against_the_points():
     assert x_new.shape == (3, 5, 4) and ladj_new.shape == (3, 5)
     torch.testing.assert_close(x_new, x.expand(3, 5, 4), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(ladj_new, -ladj, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# the timing script
+
+
+def test_inverse_cost_benchmark_runs(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inverse_cost.py"
+    spec = importlib.util.spec_from_file_location("inverse_cost_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    guides = ["sylvester-triangular", "iaf"]
+    args = ["--dims", "2", "--train", "1", "--rounds", "1", "--min-time", "0", "--points", "3"]
+    module.main(module.parse_args([*args, "--guides", *guides]))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {name}" for name in guides]
+    for row in rows[1:]:
+        ratios = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]
+        assert all(math.isfinite(r) and r > 0 for r in ratios)
