@@ -444,3 +444,20 @@ def test_inverse_cost_benchmark_runs(capsys):
     for row in rows[1:]:
         ratios = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]
         assert all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_sylvester_newton_does_not_stop_where_its_jacobian_is_singular():
+    # With r_ii r~_ii = -1 in floating point the Jacobian's diagonal 1 - (1 - tanh^2 a_i) is
+    # exactly zero where a_i = 0. Newton's start a = c is put there for the first component
+    # while the others are off their root: such a point must not pass for converged.
+    layer = _sylvester("orthogonal", 4, None, None, "trained")
+    _set_raw(layer, "r_diag_raw", torch.full((4,), 40.0))
+    _set_raw(layer, "r_tilde_diag_raw", torch.full((4,), -40.0))
+    with torch.no_grad():
+        q, r, r_tilde, b, _, _ = layer._params(None)
+        c = torch.tensor([[0.0, 1.5, -0.7, 2.0], [0.0, -2.0, 0.3, 0.0]])
+        w = torch.linalg.solve_triangular(r_tilde, (c - b).unsqueeze(-1), upper=True)
+        y = layer._embed(w.squeeze(-1), q)
+        x_new, _ = layer.inverse(y)
+        y_new, _ = layer(x_new)
+    torch.testing.assert_close(y_new, y, atol=1e-10, rtol=1e-10)

@@ -110,8 +110,9 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
        Newton step is below ``eps ** 0.75`` (relative, ``eps`` of the dtype): near the simple
        root the step is the error, and the next iterate's error its square.
     2. The points that have not converged after :data:`NEWTON_STEPS` steps (or whose step is
-       not finite) are solved again by back-substitution (:func:`_back_substitute`), M scalar
-       bracketed solves that converge whatever the parameters. The result is therefore the
+       not finite, or whose Jacobian has a diagonal entry that rounded to zero) are solved
+       again by back-substitution (:func:`_back_substitute`), M scalar bracketed solves that
+       converge whatever the parameters. The result is therefore the
        root in every case; Newton only makes the usual case fast.
     3. One more Newton step with autograd on and the Jacobian detached, for its gradient
        only: at the root its derivative is :math:`-G'(a)^{-1} \partial G`, the gradient of
@@ -151,11 +152,12 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
         for _ in range(NEWTON_STEPS):
             a_active = a[active]
             step = _newton_step(
-                a_active, a_fixed if shared else a_fixed[active], c_fixed[active], eye
+                a_active, a_fixed if shared else a_fixed[active], c_fixed[active], eye, math.nan
             )
             a_active = torch.clamp(a_active - step, lower[active], upper[active])
             a[active] = a_active
-            # NaN fails the comparison: a point with a non-finite step has not converged.
+            # NaN fails the comparison: a point with a non-finite step (or a singular
+            # Jacobian) has not converged.
             converged = (step.abs() <= tol * (1 + a_active.abs())).all(-1)
             active = active[~converged]
             if active.numel() == 0:
@@ -163,7 +165,7 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
         if active.numel():
             matrices = a_fixed.expand(a.shape[:1] + (size, size))[active]
             a[active] = _back_substitute(a[active], matrices, c_fixed[active])
-    step = _newton_step(a, a_matrix, c, eye)
+    step = _newton_step(a, a_matrix, c, eye, 0.0)
     return (a - (step - step.detach())).reshape(batch + (size,))
 
 
@@ -177,14 +179,18 @@ def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
     return (vector.unsqueeze(-2) @ matrix.mT).squeeze(-2)
 
 
-def _newton_step(a: Tensor, a_matrix: Tensor, c: Tensor, eye: Tensor) -> Tensor:
+def _newton_step(
+    a: Tensor, a_matrix: Tensor, c: Tensor, eye: Tensor, singular_step: float
+) -> Tensor:
     r"""The Newton step :math:`G'(a)^{-1} G(a)` of :func:`solve_preactivation`.
 
     ``a, c`` have shape ``(N, M)``, ``a_matrix`` ``(M, M)`` or ``(N, M, M)``. The Jacobian is
     detached: at the root the step's derivative is then :math:`-G'(a)^{-1} \partial G`, the
     implicit-function gradient. A diagonal entry :math:`1 + A_{ii} (1 - \tanh^2 a_i)` that
     rounded to zero or below (possible only when :math:`r_{ii} \tilde r_{ii}` rounds to -1)
-    would make the step infinite: such a point gets a zero step, as in the scalar solver.
+    would make the step infinite: such a point gets ``singular_step`` in every component
+    instead (NaN in the iteration, so that the point goes to back-substitution; zero in the
+    final step, so that the root is kept, without the gradient step, as in the scalar solver).
     """
     activation = torch.tanh(a)
     residual = a + _matvec(a_matrix, activation) - c
@@ -199,10 +205,10 @@ def _newton_step(a: Tensor, a_matrix: Tensor, c: Tensor, eye: Tensor) -> Tensor:
         diagonal = jacobian.diagonal(dim1=-2, dim2=-1)
         singular = diagonal <= 0
         diagonal.masked_fill_(singular, 1.0)
-        rhs = torch.where(singular.any(-1, keepdim=True), 0.0, residual[part])
-        steps.append(
-            torch.linalg.solve_triangular(jacobian, rhs.unsqueeze(-1), upper=True).squeeze(-1)
-        )
+        singular = singular.any(-1, keepdim=True)
+        rhs = torch.where(singular, 0.0, residual[part])
+        step = torch.linalg.solve_triangular(jacobian, rhs.unsqueeze(-1), upper=True)
+        steps.append(torch.where(singular, singular_step, step.squeeze(-1)))
     return steps[0] if len(steps) == 1 else torch.cat(steps)
 
 
