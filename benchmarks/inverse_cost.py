@@ -10,7 +10,9 @@ size D:
 - ``stl``: the same step with ``stick_the_landing=True`` (the same guide and parameters, the
   flag switched between blocks of steps);
 - ``log_prob(1)``: ``guide.get_posterior().log_prob(z)`` of one point, without gradients;
-- ``log_prob(N)``: the same for a batch of N points (``--points``, default 1000).
+- ``log_prob(N)``: the same for a batch of N points (``--points``, default 1000);
+- ``non-finite``: the fraction of non-finite values among the losses of the timed steps and
+  the log-densities of the ``log_prob(N)`` calls (an inverse that overflows).
 
 Each guide first trains ``--train`` plain steps (default 50), so that the layers sit away from
 their identity start (where a Newton solve converges at once). The measurements are then taken
@@ -80,7 +82,9 @@ def _per_call(call: Callable[[], object], min_time: float, clock: Callable[[], f
 
 
 def measure(name: str, dim: int, args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per call of each kind in :data:`KINDS` for guide ``name`` at size ``dim``."""
+    """Median seconds per call of each kind in :data:`KINDS` for guide ``name`` at size ``dim``,
+    and ``"bad"``: the fraction of non-finite values among the timed steps' losses and the
+    log-densities of the ``log_prob(N)`` calls."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     target = rotated_gaussian(dim, decades=2.0)
@@ -92,14 +96,19 @@ def measure(name: str, dim: int, args: argparse.Namespace) -> dict[str, float]:
 
     def draw() -> torch.Tensor:
         # From the current posterior: the steps move it, and a point drawn from an older one
-        # can sit where an inverse overflows (a gated IAF stack at D = 100 does after two steps).
+        # can sit where an inverse overflows (a gated IAF stack at D = 100 does after two steps;
+        # a few fresh draws per thousand overflow too after ~80 steps).
         with torch.no_grad():
             return guide.get_posterior().sample((args.points,))
+
+    values: list[torch.Tensor] = []  # losses and log-densities, for the non-finite count
 
     def step(stl: bool) -> Callable[[], object]:
         def call() -> object:
             guide.stick_the_landing = stl
-            return svi.step()
+            loss = svi.step()
+            values.append(torch.tensor([loss]))
+            return loss
 
         return call
 
@@ -107,8 +116,12 @@ def measure(name: str, dim: int, args: argparse.Namespace) -> dict[str, float]:
 
     def log_prob(count: int) -> Callable[[], object]:
         def call() -> object:
-            with torch.no_grad():
-                return guide.get_posterior().log_prob(points[:count])
+            # Without validation: a non-finite value is counted, not raised.
+            with torch.no_grad(), pyro.validation_enabled(False):
+                log_q = guide.get_posterior().log_prob(points[:count])
+            if count > 1:
+                values.append(log_q)
+            return log_q
 
         return call
 
@@ -122,6 +135,7 @@ def measure(name: str, dim: int, args: argparse.Namespace) -> dict[str, float]:
         if kind.startswith("log_prob"):
             points = draw()
         calls[kind]()
+    values.clear()
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for round_ in range(args.rounds):
         order = KINDS[round_ % len(KINDS) :] + KINDS[: round_ % len(KINDS)]
@@ -130,7 +144,10 @@ def measure(name: str, dim: int, args: argparse.Namespace) -> dict[str, float]:
                 points = draw()
             times[kind].append(_per_call(calls[kind], args.min_time, clock))
     guide.stick_the_landing = False
-    return {kind: statistics.median(values) for kind, values in times.items()}
+    result = {kind: statistics.median(per_call) for kind, per_call in times.items()}
+    checked = torch.cat(values)
+    result["bad"] = float((~checked.isfinite()).double().mean())
+    return result
 
 
 def main(args: argparse.Namespace) -> None:
@@ -144,16 +161,18 @@ def main(args: argparse.Namespace) -> None:
         f"{'wall' if args.wall_clock else 'process CPU'} time"
     )
     print(
-        "| guide | D | plain step (ms) | STL / plain | log_prob(1) / plain | log_prob(N) / plain |"
+        "| guide | D | plain step (ms) | STL / plain | log_prob(1) / plain | log_prob(N) / plain "
+        "| non-finite |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for dim in args.dims:
         for name in args.guides:
             result = measure(name, dim, args)
             plain = result["plain"]
             print(
                 f"| {name} | {dim} | {1e3 * plain:.1f} | {result['stl'] / plain:.2f} "
-                f"| {result['log_prob(1)'] / plain:.2f} | {result['log_prob(N)'] / plain:.2f} |",
+                f"| {result['log_prob(1)'] / plain:.2f} | {result['log_prob(N)'] / plain:.2f} "
+                f"| {result['bad']:.1e} |",
                 flush=True,
             )
 
