@@ -120,7 +120,8 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
        and :math:`b`. Its value (zero up to rounding) is subtracted back out: where
        :math:`G'` is nearly singular (:math:`r_{ii} \tilde r_{ii}` near -1 in several
        components) the triangular solve would amplify the rounding of :math:`G(a)` and
-       spoil a root that back-substitution found to full backward accuracy.
+       spoil a root that back-substitution found to full backward accuracy. Without
+       gradients the step is skipped (the value is the same).
 
     Arguments:
         w: :math:`Q^\top y`, shape ``(..., M)``.
@@ -165,8 +166,10 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
         if active.numel():
             matrices = a_fixed.expand(a.shape[:1] + (size, size))[active]
             a[active] = _back_substitute(a[active], matrices, c_fixed[active])
-    step = _newton_step(a, a_matrix, c, eye, 0.0)
-    return (a - (step - step.detach())).reshape(batch + (size,))
+    if torch.is_grad_enabled() and (a_matrix.requires_grad or c.requires_grad):
+        step = _newton_step(a, a_matrix, c, eye, 0.0)
+        a = a - (step - step.detach())  # the same value, with the implicit-function gradient
+    return a.reshape(batch + (size,))
 
 
 #: Entries of the Jacobians formed at once (512 KiB in float64): a larger block falls out of
