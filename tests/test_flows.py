@@ -317,6 +317,7 @@ def _check_inverse(layer: Flow) -> None:
     torch.testing.assert_close(ladj_inv, -ladj3, atol=1e-9, rtol=1e-9)
     # Forward error: at most the rounding of y amplified by the condition number of the map
     # (a spline with near-minimal bins can have dx/dy ~ 1e6 somewhere).
+    well_conditioned = torch.ones(6, dtype=torch.bool)
     for i in range(6):
         context_i = None if context is None else context[i]
         jacobian = torch.autograd.functional.jacobian(lambda v, c=context_i: layer(v, c)[0], x[i])
@@ -324,14 +325,18 @@ def _check_inverse(layer: Flow) -> None:
         slack = 1e-13 * condition * (1 + float(y[i].detach().abs().max()))
         torch.testing.assert_close(x2[i], x[i], atol=1e-8 + slack, rtol=1e-8)
         torch.testing.assert_close(ladj_inv[i], -ladj[i], atol=1e-8 + 1e3 * slack, rtol=1e-8)
+        well_conditioned[i] = slack < 1e-6
     # forward(inverse(y)) is y whatever the parameters, so its gradient must vanish: this
-    # checks the gradients that flow through the (possibly numerical) inverse.
+    # checks the gradients that flow through the (possibly numerical) inverse. At a point where
+    # rounding alone can move x by more than 1e-6 (a perturbed spline stack reaches
+    # dx/dy ~ 1e10), the computed gradient is rounding amplified as much; such points are left
+    # out (their values were checked above).
     params = list(layer.parameters())
     if params:
         x2, ladj_inv = layer.inverse(y.detach(), context)
         y3, ladj3 = layer(x2, context)
-        weights = torch.randn_like(y3)
-        loss = (weights * y3).sum() + (ladj_inv + ladj3).sum()
+        weights = torch.randn_like(y3) * well_conditioned.unsqueeze(-1)
+        loss = (weights * y3).sum() + ((ladj_inv + ladj3) * well_conditioned).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for g in grads:
             if g is not None:
