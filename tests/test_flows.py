@@ -399,6 +399,33 @@ def _check_state_dict(layer: Flow, build: Callable[[], Flow]) -> None:
             assert torch.equal(a, b)
 
 
+def _check_inverse_at(layer: Flow) -> None:
+    """inverse_at: the known value exactly, the inverse's log-det, and the derivatives of the
+    inverse map (against :meth:`inverse` at well-conditioned points)."""
+    x, context = _inputs(layer, (5,))
+    x = x * torch.tensor([0.1, 0.5, 1.0, 2.0, 3.0]).unsqueeze(-1)
+    y, ladj = layer(x, context)
+    y = y.detach().requires_grad_(True)
+    ctx = None if context is None else context.clone().requires_grad_(True)
+    x_at, ladj_at = layer.inverse_at(y, x, ctx)
+    assert torch.equal(x_at, x.detach())  # the value is the known preimage, bit for bit
+    torch.testing.assert_close(ladj_at, -ladj.detach(), atol=1e-9, rtol=1e-9)
+    x_inv, ladj_inv = layer.inverse(y, ctx)
+    weights = torch.randn_like(x_at)
+    inputs = [y, *([] if ctx is None else [ctx]), *layer.parameters()]
+    grads_at = torch.autograd.grad(
+        (weights * x_at).sum() + ladj_at.sum(), inputs, allow_unused=True
+    )
+    grads_inv = torch.autograd.grad(
+        (weights * x_inv).sum() + ladj_inv.sum(), inputs, allow_unused=True
+    )
+    for a, b in zip(grads_at, grads_inv, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.abs().max() > 0) and (b is None or not b.abs().max() > 0)
+            continue
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_flow_contract(name):
     case = CASES[name]
@@ -410,6 +437,7 @@ def test_flow_contract(name):
     _check_log_det(layer)
     if layer.has_inverse:
         _check_inverse(layer)
+        _check_inverse_at(layer)
     else:
         with pytest.raises(NotImplementedError, match="no inverse"):
             layer.inverse(torch.randn(layer.input_dim))

@@ -116,16 +116,33 @@ class Autoregressive(Flow):
         y, log_derivative = self.transformer(x, self._params(x, context))
         return y, log_derivative.sum(-1)
 
+    def inverse_at(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`Flow.inverse_at`: the same sequence as :meth:`inverse`, each coordinate
+        taken at its known value (:meth:`Transformer.inverse_at`: no root solve), so an
+        ill-conditioned layer cannot spoil the values."""
+        return self._invert(y, context, x.detach())
+
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context, None)
+
+    def _invert(
+        self, y: Tensor, context: Tensor | None, known: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         self._check_context(context)
         batch = y.shape[:-1]
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
         y = y.expand(batch + y.shape[-1:])
+        if known is not None:
+            known = known.expand(batch + known.shape[-1:])
         if self.input_dim == 1:  # the parameters depend on the context alone: one pass
-            x, log_derivative = self.transformer.inverse(
-                y, self.made(torch.zeros_like(y), context)
-            )
+            params = self.made(torch.zeros_like(y), context)
+            if known is None:
+                x, log_derivative = self.transformer.inverse(y, params)
+            else:
+                x, log_derivative = self.transformer.inverse_at(y, known, params)
             return x, log_derivative[..., 0]
         # theta_k depends on x_{<k} only, which the previous steps made exact; the MADE
         # evaluates the units coordinate k needs, from the inputs fixed so far.
@@ -133,7 +150,12 @@ class Autoregressive(Flow):
         columns, log_derivatives = [], []
         for k in range(self.input_dim):
             params = steps.outputs(k).unsqueeze(-1)  # (..., P, 1)
-            x_k, log_derivative = self.transformer.inverse(y[..., k : k + 1], params)
+            if known is None:
+                x_k, log_derivative = self.transformer.inverse(y[..., k : k + 1], params)
+            else:
+                x_k, log_derivative = self.transformer.inverse_at(
+                    y[..., k : k + 1], known[..., k : k + 1], params
+                )
             columns.append(x_k)
             log_derivatives.append(log_derivative)
             if k + 1 < self.input_dim:
