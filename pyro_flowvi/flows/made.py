@@ -20,7 +20,7 @@ autoregressive layers changes the order, so no random orderings are needed.
 
 from __future__ import annotations
 
-__all__ = ["MADE", "IncrementalMADE", "MaskedLinear"]
+__all__ = ["MADE", "IncrementalMADE", "MaskedLinear", "readout_weight_scale"]
 
 from collections.abc import Callable, Sequence
 
@@ -34,20 +34,54 @@ _EMPTY = torch.Size()
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is multiplied by a fixed 0/1 mask.
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (and a fixed scale).
 
     Arguments:
         mask: shape ``(out_features, in_features)``.
         bias: whether the layer has a bias (default ``True``).
+        weight_scale: a constant the masked weight is multiplied by (default 1). A readout
+            layer uses ``1 / in_features`` (see :func:`readout_weight_scale`).
     """
 
-    def __init__(self, mask: Tensor, bias: bool = True) -> None:
+    def __init__(self, mask: Tensor, bias: bool = True, weight_scale: float = 1.0) -> None:
         super().__init__(mask.shape[1], mask.shape[0], bias=bias)
         # Boolean: an eighth of a float64 mask, which matters for wide layers at large D.
         self.register_buffer("mask", mask.to(torch.bool))
+        if not weight_scale > 0:
+            raise ValueError(f"MaskedLinear: weight_scale must be > 0, got {weight_scale!r}")
+        self.weight_scale = float(weight_scale)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the layer applies: ``weight * mask * weight_scale``."""
+        weight = self.weight * self.mask
+        return weight if self.weight_scale == 1.0 else weight * self.weight_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return (
+            extra if self.weight_scale == 1.0 else extra + f", weight_scale={self.weight_scale:g}"
+        )
+
+
+def readout_weight_scale(scale: float | str, fan_in: int, site: str) -> float:
+    r"""The weight scale of a conditioner's readout layer: ``"fan_in"`` gives ``1 / fan_in``.
+
+    A conditioner's readout starts at zero (so a fresh flow is the identity), and Adam's first
+    steps move every weight by about the learning rate whatever its gradient's size, all in the
+    direction of the gradient's sign. Without a scale, the readout's outputs (shifts,
+    log-scales, spline knots) then move by about ``lr * fan_in * E|h|`` per step: a 200-wide
+    RealNVP at ``lr = 1e-2`` took a 100-D Gaussian guide from its exact start to a KL of 2.7
+    in one step and 14,000 in five. With ``1 / fan_in`` they move by about ``lr`` per step,
+    as the guide's own location and scale do. The function class is unchanged.
+    """
+    if scale == "fan_in":
+        return 1.0 / fan_in
+    if isinstance(scale, str) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"{site}: readout_scale must be 'fan_in' or a number > 0, got {scale!r}")
+    return float(scale)
 
 
 def _hidden_widths(hidden_dims: object) -> list[int]:
@@ -89,6 +123,9 @@ class MADE(nn.Module):
             (every hidden unit may see it); ``None`` for an unconditional network.
         activation: the hidden nonlinearity, a class or factory of modules (default ELU).
         skip_connections: add a masked linear map from the inputs straight to the outputs.
+        readout_scale: the constant scale of the output layer's (and skip map's) weight:
+            ``"fan_in"`` (default, ``1 / fan_in``) or a number; see
+            :func:`readout_weight_scale`.
 
     Returns (of :meth:`forward`):
         A tensor of shape ``(..., num_outputs, D)``; entry ``[..., j, k]`` depends on
@@ -112,6 +149,7 @@ class MADE(nn.Module):
         context_dim: int | None = None,
         activation: Callable[[], nn.Module] = nn.ELU,
         skip_connections: bool = False,
+        readout_scale: float | str = "fan_in",
     ) -> None:
         super().__init__()
         self.input_dim = check_input_dim("MADE", input_dim)
@@ -140,9 +178,16 @@ class MADE(nn.Module):
         self.hidden_layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activation() for _ in widths)
         output_degrees = input_degrees.repeat(num_outputs)
-        self.output_layer = MaskedLinear(output_degrees[:, None] > previous[None, :])
+        self.output_layer = MaskedLinear(
+            output_degrees[:, None] > previous[None, :],
+            weight_scale=readout_weight_scale(readout_scale, widths[-1], "MADE"),
+        )
         self.skip = (
-            MaskedLinear(output_degrees[:, None] > input_degrees[None, :], bias=False)
+            MaskedLinear(
+                output_degrees[:, None] > input_degrees[None, :],
+                bias=False,
+                weight_scale=readout_weight_scale(readout_scale, input_dim, "MADE"),
+            )
             if skip_connections
             else None
         )
@@ -229,12 +274,12 @@ class IncrementalMADE:
         sizes = [[b[k + 1] - b[k] for k in range(dim)] for b in self.bounds]
         weights = []
         for i, (layer, order) in enumerate(zip(made.hidden_layers, orders, strict=True)):
-            weight = (layer.weight * layer.mask)[order]
+            weight = layer.effective_weight()[order]
             weights.append(weight if i == 0 else weight[:, orders[i - 1]])
         # What input k adds to the first layer, and each group of units to the layer above.
         self.input_columns = weights[0].unbind(-1)
         output = made.output_layer
-        top = (output.weight * output.mask)[:, orders[-1]]
+        top = output.effective_weight()[:, orders[-1]]
         self.blocks = [
             upper.split(size, dim=-1)
             for upper, size in zip([*weights[1:], top], sizes, strict=True)
@@ -249,7 +294,7 @@ class IncrementalMADE:
         self.out = output.bias.expand(batch_shape + output.bias.shape)  # (..., P * D)
         self.skip_columns = None
         if made.skip is not None:
-            self.skip_columns = (made.skip.weight * made.skip.mask).unbind(-1)
+            self.skip_columns = made.skip.effective_weight().unbind(-1)
         self.shape = (outputs, dim)
 
     def outputs(self, k: int) -> Tensor:
