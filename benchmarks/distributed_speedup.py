@@ -8,7 +8,10 @@ the machine's load hits every configuration alike:
 - ``1x1``: one process, one torch thread (the baseline);
 - ``1x2``: one process, two torch threads (intra-op parallelism on the same two cores);
 - ``2x1``: two processes of one thread each, each on half of every mini-batch (the same
-  global batch of ``--batch-size``), gradients averaged by ``fit(distributed=True)``.
+  global batch of ``--batch-size``), gradients averaged by ``fit(distributed=True)``;
+- ``1x1/2``: one process, one thread, on half the batch (twice the steps per epoch). Its time
+  per step is what each of the two processes computes per step; with the all-reduce added it
+  bounds what two processes can gain: ``step(1x1) / (step(1x1/2) + all-reduce)``.
 
 It also times one gloo all-reduce of each model's gradient buffer between two processes (the
 communication a data-parallel step adds). Prints a Markdown table (median over the rounds of
@@ -35,11 +38,19 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process), as "1x1", ...
+CONFIGS = ("1x1", "1x2", "2x1", "1x1/2")  # processes x threads per process [/2: half batch]
 MODELS = ("bnn", "vae")
 
 
-def run_example(model: str, procs: int, threads: int, args: argparse.Namespace) -> dict:
+def parse_config(config: str) -> tuple[int, int, bool]:
+    """``"2x1"`` -> (2 processes, 1 thread, full batch); ``"1x1/2"`` -> half the batch."""
+    shape, _, half = config.partition("/")
+    procs, threads = (int(n) for n in shape.split("x"))
+    return procs, threads, half == "2"
+
+
+def run_example(model: str, config: str, args: argparse.Namespace) -> dict:
+    procs, threads, half = parse_config(config)
     command = [
         sys.executable,
         "-m",
@@ -52,7 +63,7 @@ def run_example(model: str, procs: int, threads: int, args: argparse.Namespace) 
         "--num-epochs",
         str(args.num_epochs),
         "--batch-size",
-        str(args.batch_size),
+        str(args.batch_size // 2 if half else args.batch_size),
         "--threads",
         str(threads),
         "--seed",
@@ -64,7 +75,7 @@ def run_example(model: str, procs: int, threads: int, args: argparse.Namespace) 
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     line = [text for text in done.stdout.splitlines() if text.startswith("{")][-1]
-    return json.loads(line)
+    return {**json.loads(line), "config": config}
 
 
 def measure_allreduce(sizes: list[int], repeats: int) -> dict[int, float] | None:
@@ -115,30 +126,37 @@ def allreduce_latency(sizes: list[int], repeats: int = 200) -> dict[int, float]:
 def table(runs: list[dict], latency: dict[int, float]) -> str:
     lines = [
         "| model | processes x threads | s / epoch (median) | speed-up vs 1x1 | ms / step | "
-        "all-reduce, ms | train ELBO / point | test |",
-        "|---|---|---|---|---|---|---|---|",
+        "all-reduce, ms | bound on the speed-up | train ELBO / point | test |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in MODELS:
         mine = [r for r in runs if r["model"] == model]
-        if not mine:
-            continue
-        base = None
-        for procs, threads in CONFIGS:
-            these = [r for r in mine if r["world_size"] == procs and r["threads"] == threads]
-            if not these:
-                continue
-            seconds = statistics.median(r["seconds_per_epoch"] for r in these)
-            step = statistics.median(r["ms_per_step"] for r in these)
-            base = seconds if (procs, threads) == (1, 1) else base
-            speedup = f"{base / seconds:.2f}" if base else "n/a"
-            reduce = f"{1000 * latency[these[-1]['num_params']]:.2f}" if procs > 1 else "-"
+        medians = {}
+        for config in CONFIGS:
+            these = [r for r in mine if r["config"] == config]
+            if these:
+                medians[config] = (
+                    statistics.median(r["seconds_per_epoch"] for r in these),
+                    statistics.median(r["ms_per_step"] for r in these),
+                    these,
+                )
+        for config, (seconds, step, these) in medians.items():
+            procs = parse_config(config)[0]
+            base = medians.get("1x1")
+            speedup = f"{base[0] / seconds:.2f}" if base and not config.endswith("/2") else "-"
+            params = these[-1]["num_params"]
+            reduce = 1000 * latency[params] if procs > 1 else None
+            bound = "-"
+            if procs > 1 and base and "1x1/2" in medians:
+                bound = f"{base[1] / (medians['1x1/2'][1] + reduce):.2f}"
             elbo = statistics.median(r["train_elbo_per_point"] for r in these)
             test = these[-1].get("test_accuracy", these[-1].get("test_elbo_per_image"))
             kind = "accuracy" if model == "bnn" else "ELBO / image"
+            label = "1 x 1, half batch" if config.endswith("/2") else config.replace("x", " x ")
             lines.append(
-                f"| {model} ({these[-1]['num_params']} parameters) | {procs} x {threads} | "
-                f"{seconds:.3f} | {speedup} | {step:.1f} | {reduce} | {elbo:.4f} | "
-                f"{kind} {test:.4f} |"
+                f"| {model} ({params} parameters) | {label} | {seconds:.3f} | {speedup} | "
+                f"{step:.1f} | {'-' if reduce is None else f'{reduce:.2f}'} | {bound} | "
+                f"{elbo:.4f} | {kind} {test:.4f} |"
             )
     return "\n".join(lines)
 
@@ -150,16 +168,14 @@ def main(args: argparse.Namespace) -> list[dict]:
             print(json.dumps(result))
         return []
     runs = []
-    configs = [tuple(int(n) for n in text.split("x")) for text in args.configs]
     for round_ in range(args.repeats):
         for model in args.models:
-            for procs, threads in configs:
-                report = run_example(model, procs, threads, args)
+            for config in args.configs:
+                report = run_example(model, config, args)
                 report["round"] = round_
                 runs.append(report)
                 print(
-                    f"round {round_} {model} {procs}x{threads}: "
-                    f"{report['seconds_per_epoch']:.3f} s/epoch",
+                    f"round {round_} {model} {config}: {report['seconds_per_epoch']:.3f} s/epoch",
                     flush=True,
                 )
     latency = allreduce_latency(sorted({r["num_params"] for r in runs}))
@@ -180,9 +196,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         nargs="+",
-        default=[f"{n}x{t}" for n, t in CONFIGS],
-        choices=[f"{n}x{t}" for n, t in CONFIGS],
-        help="processes x threads per process",
+        default=list(CONFIGS),
+        choices=CONFIGS,
+        help="processes x threads per process; /2: one process on half the batch",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)

@@ -22,37 +22,43 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def _run(model, procs, threads, seconds, elbo, params=1000):
+def _run(model, config, seconds, elbo, params=1000, steps_per_epoch=14):
     test = {"test_accuracy": 0.9} if model == "bnn" else {"test_elbo_per_image": -30.0}
+    procs, threads = int(config[0]), int(config[2])
     return {
+        "config": config,
         "model": model,
         "world_size": procs,
         "threads": threads,
         "seconds_per_epoch": seconds,
-        "ms_per_step": 1000 * seconds / 14,
+        "ms_per_step": 1000 * seconds / steps_per_epoch,
         "train_elbo_per_point": elbo,
         "num_params": params,
         **test,
     }
 
 
-def test_table_takes_medians_and_ratios_to_the_one_process_run(bench):
+def test_table_takes_medians_ratios_and_the_bound_from_the_half_batch_run(bench):
     runs = [
-        _run("bnn", 1, 1, 1.0, -2.0),
-        _run("bnn", 1, 1, 3.0, -2.0),
-        _run("bnn", 1, 1, 2.0, -2.0),
-        _run("bnn", 2, 1, 0.5, -2.1),
-        _run("bnn", 2, 1, 1.5, -2.1),
-        _run("vae", 2, 1, 1.0, -30.0, params=50),
+        _run("bnn", "1x1", 1.4, -2.0),
+        _run("bnn", "1x1", 4.2, -2.0),
+        _run("bnn", "1x1", 2.8, -2.0),  # median 2.8 s per epoch of 14 steps: 200 ms per step
+        _run("bnn", "2x1", 0.7, -2.1),
+        _run("bnn", "2x1", 2.1, -2.1),  # median 1.4 s
+        _run("bnn", "1x1/2", 4.2, -2.0, steps_per_epoch=28),  # 150 ms per step
+        _run("vae", "2x1", 1.0, -30.0, params=50),
     ]
-    text = bench.table(runs, {1000: 0.0005, 50: 0.0001})
+    text = bench.table(runs, {1000: 0.05, 50: 0.0001})  # all-reduce: 50 ms, 0.1 ms
     lines = text.splitlines()
     bnn_one = next(line for line in lines if "bnn" in line and "| 1 x 1 |" in line)
     bnn_two = next(line for line in lines if "bnn" in line and "| 2 x 1 |" in line)
-    assert "| 2.000 | 1.00 |" in bnn_one  # the median of 1, 3, 2 seconds
-    assert "| 1.000 | 2.00 |" in bnn_two and "| 0.50 |" in bnn_two  # 2 s / 1 s; 0.5 ms
+    half = next(line for line in lines if "half batch" in line)
+    assert "| 2.800 | 1.00 | 200.0 |" in bnn_one
+    # 2.8 s / 1.4 s; bound 200 ms / (150 ms + 50 ms)
+    assert "| 1.400 | 2.00 | 100.0 | 50.00 | 1.00 |" in bnn_two
+    assert "| 4.200 | - | 150.0 |" in half
     vae = next(line for line in lines if "vae" in line)
-    assert "| n/a |" in vae  # no one-process run to compare with
+    assert "| 1.000 | - | 71.4 |" in vae  # no one-process run to compare with
 
 
 @pytest.mark.slow
@@ -74,5 +80,5 @@ def test_a_tiny_benchmark_runs_end_to_end(bench, tmp_path):
         ]
     )
     runs = bench.main(args)
-    assert [(r["world_size"], r["threads"]) for r in runs] == [(1, 1), (2, 1)]
+    assert [(r["config"], r["world_size"]) for r in runs] == [("1x1", 1), ("2x1", 2)]
     assert (tmp_path / "out.json").exists()

@@ -537,3 +537,71 @@ def test_distributed_needs_an_initialized_process_group():
         fit(model, guide, x, y, num_steps=1, distributed="yes", progress=False)
     with pytest.raises(ValueError, match="initialized default process group"):
         DistributedSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+
+
+@contextlib.contextmanager
+def one_process_group(backend):
+    torch.distributed.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _one_process_fits(device, tmp_path):
+    """A plain fit, and a data-parallel fit of one process stopped and resumed, on device."""
+    data = regression_data()
+    x, y = (t.to(device) for t in data.tensors)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    options = dict(batches=batches, lr=LR, loss=TraceMeanField_ELBO(), num_data=64)
+    traces = []
+    for distributed, stops in ((False, [30]), (True, [12, 30])):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(8)
+        path = tmp_path / f"{distributed}.pt"
+        for stop in stops:
+            model, guide = regression_fit_setup()
+            model.to(device)
+            result = fit(
+                model,
+                guide,
+                num_steps=stop,
+                checkpoint=path,
+                distributed=distributed,
+                progress=False,
+                **options,
+            )
+        assert result.world_size == 1 and result.resumed_from == stops[0] * distributed
+        traces.append((result.elbo_trace, store_params()))
+    return traces
+
+
+def store_params():
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+
+def test_a_one_process_group_fits_exactly_like_a_plain_fit(tmp_path):
+    with one_process_group("gloo"):
+        (plain, plain_params), (group, group_params) = _one_process_fits("cpu", tmp_path)
+    np.testing.assert_array_equal(group, plain)
+    for name, value in plain_params.items():
+        torch.testing.assert_close(group_params[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_one_process_nccl_group_fits_exactly_like_a_plain_fit(tmp_path):
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("needs NCCL")
+    torch.cuda.set_device(0)
+    with one_process_group("nccl"):
+        (plain, plain_params), (group, group_params) = _one_process_fits("cuda", tmp_path)
+    np.testing.assert_array_equal(group, plain)
+    for name, value in plain_params.items():
+        assert value.is_cuda
+        torch.testing.assert_close(group_params[name], value, rtol=0, atol=0)
