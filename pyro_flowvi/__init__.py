@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .amortized import AutoAmortizedFlowGuide, FlowEncoder
 from .distributions import FlowDistribution
+from .estimators import TraceIW_ELBO, TraceSTL_ELBO
 from .fit import (
     CheckpointError,
     DivergenceRule,
@@ -51,6 +52,8 @@ __all__ = [
     "FlowDistribution",
     "FlowEncoder",
     "NonFiniteLossError",
+    "TraceIW_ELBO",
+    "TraceSTL_ELBO",
     "__version__",
     "fit",
 ]

@@ -40,7 +40,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,7 @@ def restore_optimizer(
     saved: Mapping[str, Any],
     params: Mapping[str, torch.Tensor],
     *,
-    keep_saved: bool = False,
+    adjust: Callable[[dict], None] | None = None,
 ) -> None:
     """Resume ``optim`` from the checkpoint's optimizer entry.
 
@@ -351,8 +351,8 @@ def restore_optimizer(
     constructor arguments equal the checkpoint's, the checkpoint's values are kept as they are
     (``ClippedAdam``'s decayed learning rate included), so the resumed fit is exactly the
     uninterrupted one; when they differ, every hyper-parameter is set to what ``optim`` would
-    start with. With ``keep_saved`` (``fit`` was given neither ``optim`` nor ``lr``) the
-    checkpoint's hyper-parameters are kept whatever the default optimizer's are. Another
+    start with. ``adjust``, when given, then edits every parameter group in place (``fit``
+    puts its default optimizer on the current call's learning-rate schedule). Another
     optimizer class, or a learning-rate scheduler with other settings, is refused: its state
     does not carry over.
     """
@@ -375,7 +375,7 @@ def restore_optimizer(
             f"{now.get('scheduler_args')}; a scheduler's state does not carry over to other "
             "settings",
         )
-    if _is_pyro_optim(optim) and not _is_scheduler(optim) and not keep_saved:
+    if _is_pyro_optim(optim) and not _is_scheduler(optim):
         for name, state in states.items():
             if name in params and not _same(description["args"].get(name), now["args"][name]):
                 fresh = optim.pt_optim_constructor(
@@ -384,6 +384,14 @@ def restore_optimizer(
                 hyper = {k: v for k, v in fresh.param_groups[0].items() if k != "params"}
                 groups = [{**group, **hyper} for group in state["param_groups"]]
                 states[name] = {**state, "param_groups": groups}
+    if adjust is not None:
+        states = {
+            name: {**state, "param_groups": [dict(group) for group in state["param_groups"]]}
+            for name, state in states.items()
+        }
+        for state in states.values():
+            for group in state["param_groups"]:
+                adjust(group)
     load_optimizer_states(optim, states)
 
 

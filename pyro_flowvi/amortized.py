@@ -538,6 +538,28 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 )
         return result
 
+    def log_prob_at(self, trace: Any, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        r""":math:`\log q_\phi` of the packed locals recorded in ``trace``, with those values
+        held fixed and the current parameters (the protocol of
+        :mod:`pyro_flowvi.estimators`: its gradient is the score term). Goes through the flow's
+        inverse.
+
+        Arguments:
+            trace: this guide's trace of the current step.
+            *args, **kwargs: the model's arguments.
+
+        Returns:
+            A dict from the auxiliary latent site's name to the log-density of each recorded
+            row, shaped as that site's batch shape.
+        """
+        name = f"_{self._pyro_name}_latent"
+        z = trace.nodes[name]["value"].detach()
+        rows = self._rows(self.data_fn(*args, **kwargs), trace.nodes[self.plate]["value"])
+        rows = rows.to(dtype=next(self.encoder.parameters()).dtype)
+        extra = -self._frame.dim - 1  # size-1 dims between the plate and the event
+        batch = z.shape[: z.dim() - 2 - extra] + (z.shape[z.dim() - 2 - extra], z.shape[-1])
+        return {name: self.encoder(rows).log_prob(z.reshape(batch)).reshape(z.shape[:-1])}
+
     @torch.no_grad()
     def quantiles(
         self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any

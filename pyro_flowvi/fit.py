@@ -43,7 +43,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,9 @@ class FitResult:
         world_size: the number of processes that fitted together (1 unless
             ``distributed``); the ELBO trace is their mean, the same in every process.
         epoch: with ``batches``, the epoch of the last batch taken (0-based), else ``None``.
+        optim: the Pyro optimizer the fit used (the default one when none was passed), e.g.
+            to go on training with its state.
+        loss: the ELBO object (or callable) the fit used.
     """
 
     elbo_trace: np.ndarray
@@ -125,6 +128,8 @@ class FitResult:
     restored_best: bool = False
     world_size: int = 1
     epoch: int | None = None
+    optim: Any = field(default=None, repr=False)
+    loss: Any = field(default=None, repr=False)
 
     def smoothed_elbo(self, window: int | None = None) -> float:
         """Mean ELBO over the last ``window`` steps (default: the last 10%, at least one).
@@ -260,13 +265,13 @@ def _resume(
     optim: Any,
     model: Callable,
     guide: Callable,
-    default_optim: bool,
+    adjust: Callable[[dict], None] | None,
     rank: int,
     stream: BatchStream | None,
 ) -> None:
     params = _params(names)
     restore_params_and_buffers(path, state, params, _constraints(names), _buffers(model, guide))
-    restore_optimizer(path, optim, state["optim"], params, keep_saved=default_optim)
+    restore_optimizer(path, optim, state["optim"], params, adjust=adjust)
     own = own_state(state, rank)
     if own is not None:
         set_rng_state(rng_from_plain(own["rng"]))
@@ -282,6 +287,23 @@ def _resume(
             position["index"],
             None if epoch_rng is None else rng_from_plain(epoch_rng),
         )
+
+
+def _on_schedule(schedule: tuple[float, float], step: int) -> Callable[[dict], None]:
+    """Put an optimizer parameter group on this call's learning-rate schedule at ``step``.
+
+    After a resume with the same arguments the saved rate already is the schedule's (it is
+    kept as saved, so the resumed fit is the uninterrupted one bit for bit); otherwise (more
+    steps, another ``lr`` or ``final_lr``) the rate becomes ``lr * lrd**step`` of this call.
+    """
+    start_lr, decay = schedule
+    target = start_lr * decay**step
+
+    def adjust(group: dict) -> None:
+        if group["lrd"] != decay or not math.isclose(group["lr"], target, rel_tol=1e-9):
+            group["lr"], group["lrd"] = target, decay
+
+    return adjust
 
 
 def _divergence_rule(divergence: str | DivergenceRule) -> DivergenceRule:
@@ -316,6 +338,38 @@ def _divergence_message(guard: DivergenceGuard, restored: bool, action: str) -> 
     )
 
 
+_DEFAULT_LR = 1e-2
+_DEFAULT_LR_DROP = 1e-2  # final_lr = lr / 100 by default
+_LOSSES = ("elbo", "stl", "iw")
+
+
+def _loss(loss: Any, num_particles: int | None) -> Any:
+    """The loss object for ``fit``'s ``loss`` and ``num_particles`` words."""
+    if num_particles is not None and (
+        isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1
+    ):
+        raise ValueError(f"fit: num_particles must be an int >= 1, got {num_particles!r}")
+    if loss is None:
+        loss = "elbo"
+    if not isinstance(loss, str):
+        if num_particles is not None:
+            raise ValueError(
+                "fit: num_particles applies to a loss given by name ('elbo', 'stl', 'iw'); set "
+                f"the particles of {type(loss).__name__} on the object itself"
+            )
+        return loss
+    if loss not in _LOSSES:
+        raise ValueError(f"fit: loss must be one of {list(_LOSSES)} or an ELBO, got {loss!r}")
+    from .estimators import TraceIW_ELBO, TraceSTL_ELBO
+
+    if loss == "iw":
+        return TraceIW_ELBO(num_particles or 8, vectorize_particles=True)
+    particles = num_particles or 1
+    if loss == "stl":
+        return TraceSTL_ELBO(particles, vectorize_particles=particles > 1)
+    return Trace_ELBO(particles, vectorize_particles=particles > 1)
+
+
 # gradients on whatever the caller's grad mode: a step needs them, and a guide's start may
 @torch.enable_grad()
 def fit(
@@ -326,6 +380,8 @@ def fit(
     optim: Any | None = None,
     loss: Any | None = None,
     lr: float | None = None,
+    final_lr: float | None = None,
+    num_particles: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
@@ -343,10 +399,25 @@ def fit(
             every step.
         *args: positional arguments of ``model`` and ``guide``.
         num_steps: total number of steps; a resumed fit runs only the steps still missing.
-        optim: a Pyro optimizer (default ``pyro.optim.Adam({"lr": lr})``).
-        loss: an ELBO object (default :class:`pyro.infer.Trace_ELBO`) or a callable
+        optim: a Pyro optimizer. Default: Adam whose learning rate decays geometrically from
+            ``lr`` at the first step to ``final_lr`` at the last (``pyro.optim.ClippedAdam``
+            with ``lrd = (final_lr / lr) ** (1 / num_steps)`` and no clipping). Adam's steps
+            are about ``lr`` in size whatever the gradient's scale, so at a constant rate a
+            fit keeps jittering by about ``lr`` around the optimum (and, from an exact start,
+            drifts away from it); the decay removes that without tuning per model (see
+            docs/training.md).
+        loss: the objective: ``"elbo"`` (default, :class:`pyro.infer.Trace_ELBO`), ``"stl"``
+            (:class:`~pyro_flowvi.estimators.TraceSTL_ELBO`, the ELBO with the "sticking the
+            landing" gradient), ``"iw"`` (:class:`~pyro_flowvi.estimators.TraceIW_ELBO`, the
+            ``num_particles``-sample importance-weighted bound with DReG gradients), each with
+            ``num_particles`` vectorized particles; or an ELBO object, or a callable
             ``loss(model, guide, *args, **kwargs)`` returning a differentiable tensor.
-        lr: learning rate of the default optimizer (default ``1e-2``); only without ``optim``.
+        lr: initial learning rate of the default optimizer (default ``1e-2``); only without
+            ``optim``.
+        final_lr: learning rate of the default optimizer at the last step (default ``lr /
+            100``; ``final_lr=lr`` keeps it constant); only without ``optim``.
+        num_particles: particles per step for a loss given by name (default 1 for
+            ``"elbo"`` and ``"stl"``, 8 for ``"iw"``); only with a loss name.
         progress: show a tqdm progress bar (step, smoothed ELBO, rate) on a terminal or in a
             Jupyter kernel (a notebook widget there when ipywidgets is installed); quiet in
             other processes (CI, pytest, output piped to a file) and without tqdm.
@@ -444,6 +515,12 @@ def fit(
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0
     ):
         raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
+    if optim is not None and final_lr is not None:
+        raise ValueError(f"fit: final_lr (got {final_lr!r}) applies to the default optimizer only")
+    if final_lr is not None and not (
+        isinstance(final_lr, (int, float)) and not isinstance(final_lr, bool) and final_lr > 0
+    ):
+        raise ValueError(f"fit: final_lr must be a positive number, got {final_lr!r}")
     rule = _divergence_rule(divergence)
     sync = Collective.from_option(distributed, "fit")
     rank = 0 if sync is None else sync.rank
@@ -451,12 +528,14 @@ def fit(
     first_args, first_kwargs = (
         (args, kwargs) if stream is None else split_batch(stream.peek(), args, kwargs)
     )
+    loss = _loss(loss, num_particles)
     check_call(model, guide, first_args, first_kwargs)
-    default_optim = optim is None and lr is None
+    schedule = None
     if optim is None:
-        optim = pyro.optim.Adam({"lr": 1e-2 if lr is None else float(lr)})
-    if loss is None:
-        loss = Trace_ELBO()
+        start_lr = _DEFAULT_LR if lr is None else float(lr)
+        end_lr = start_lr * _DEFAULT_LR_DROP if final_lr is None else float(final_lr)
+        schedule = (start_lr, (end_lr / start_lr) ** (1.0 / max(num_steps, 1)))
+        optim = pyro.optim.ClippedAdam({"lr": start_lr, "lrd": schedule[1], "clip_norm": math.inf})
     path = None if checkpoint is None else Path(checkpoint)
     if path is not None and not _can_save_optim(optim):
         raise ValueError(
@@ -478,7 +557,8 @@ def fit(
     elbo: list[float] = []
     prior_time = 0.0
     if saved is not None:
-        _resume(path, saved, names, optim, model, guide, default_optim, rank, stream)
+        adjust = None if schedule is None else _on_schedule(schedule, len(saved["elbo_trace"]))
+        _resume(path, saved, names, optim, model, guide, adjust, rank, stream)
         elbo = saved["elbo_trace"].tolist()
         prior_time = float(saved["wall_time"])
         guard.resume(elbo, saved["divergence"])
@@ -646,4 +726,6 @@ def fit(
         restored_best=restored,
         world_size=1 if sync is None else sync.world_size,
         epoch=None if stream is None else stream.epoch,
+        optim=optim,
+        loss=loss,
     )

@@ -178,6 +178,12 @@ FIT_BATCH = 16  # global; 8 per process
 LR = 0.02
 
 
+def adam():
+    """A constant learning rate: fit's default decays over num_steps, so a fit of 30 steps
+    resumed to 50 would not be the fit of 50 steps."""
+    return pyro.optim.Adam({"lr": LR})
+
+
 def shard_loader(dataset, seed=0):
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=FIT_BATCH // WORLD, sampler=sampler)
@@ -236,7 +242,7 @@ def _regression_fit(rank, outdir, num_steps, checkpoint=None, loss=None, seed=0)
         guide,
         batches=shard_loader(regression_data()),
         num_steps=num_steps,
-        lr=LR,
+        optim=adam(),
         loss=loss or TraceMeanField_ELBO(),
         num_data=64,
         distributed=True,
@@ -460,7 +466,7 @@ def test_two_process_fit_reaches_the_single_process_elbo(runs):
         guide,
         batches=loader,
         num_steps=FIT_STEPS,
-        lr=LR,
+        optim=adam(),
         loss=TraceMeanField_ELBO(),
         num_data=64,
         progress=False,
@@ -490,14 +496,18 @@ def test_distributed_checkpoint_resumes_in_every_process_and_in_one(runs):
     pyro.set_rng_seed(0)
     model, guide = regression_fit_setup()
     loader = DataLoader(regression_data(), batch_size=FIT_BATCH, shuffle=True, drop_last=True)
-    options = dict(lr=LR, loss=TraceMeanField_ELBO(), num_data=64, progress=False)
-    same = fit(model, guide, batches=loader, num_steps=30, checkpoint=path, **options)
+    options = dict(loss=TraceMeanField_ELBO(), num_data=64, progress=False)
+    same = fit(
+        model, guide, batches=loader, num_steps=30, checkpoint=path, optim=adam(), **options
+    )
     assert same.resumed_from == 30 and same.num_steps == 30 and same.world_size == 1
     np.testing.assert_array_equal(same.elbo_trace, rank0["first"])
     store = dict(pyro.get_param_store().named_parameters())
     for name, value in rank0["first_params"].items():
         torch.testing.assert_close(store[name], value, rtol=0, atol=0)
-    more = fit(model, guide, batches=loader, num_steps=40, checkpoint=path, **options)
+    more = fit(
+        model, guide, batches=loader, num_steps=40, checkpoint=path, optim=adam(), **options
+    )
     assert more.resumed_from == 30 and more.num_steps == 40
     assert np.isfinite(more.elbo_trace).all()
     # the single process continues the fit where it was (not from a fresh start)
@@ -559,7 +569,7 @@ def _one_process_fits(device, tmp_path):
     data = regression_data()
     x, y = (t.to(device) for t in data.tensors)
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
-    options = dict(batches=batches, lr=LR, loss=TraceMeanField_ELBO(), num_data=64)
+    options = dict(batches=batches, loss=TraceMeanField_ELBO(), num_data=64)
     traces = []
     for distributed, stops in ((False, [30]), (True, [12, 30])):
         pyro.clear_param_store()
@@ -572,6 +582,7 @@ def _one_process_fits(device, tmp_path):
                 model,
                 guide,
                 num_steps=stop,
+                optim=adam(),
                 checkpoint=path,
                 distributed=distributed,
                 progress=False,

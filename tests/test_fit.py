@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import math
 import os
 import pickle
 import signal
@@ -21,6 +22,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.nn import PyroModule, PyroParam
+from pyro.optim.clipped_adam import ClippedAdam
 
 from pyro_flowvi.fit import (
     CheckpointError,
@@ -109,7 +111,7 @@ def test_fit_rejects_bad_arguments(data, kwargs, match):
 
 def test_checkpoint_resume_reproduces_uninterrupted_fit(data, tmp_path):
     pyro.set_rng_seed(1)
-    full = fit(model, AutoNormal(model), data, num_steps=60, progress=False)
+    full = fit(model, AutoNormal(model), data, num_steps=60, final_lr=1e-2, progress=False)
     full_params = _params()
 
     pyro.clear_param_store()
@@ -120,12 +122,14 @@ def test_checkpoint_resume_reproduces_uninterrupted_fit(data, tmp_path):
         AutoNormal(model),
         data,
         num_steps=25,
+        final_lr=1e-2,
         checkpoint=path,
         checkpoint_every=10,
         progress=False,
     )
     assert first.num_steps == 25 and path.exists()
 
+    # a constant rate (final_lr = lr): a longer second call is the same fit continued
     # a new session: fresh guide, empty store, another seed; the checkpoint restores all of it
     pyro.clear_param_store()
     pyro.set_rng_seed(12345)
@@ -134,6 +138,7 @@ def test_checkpoint_resume_reproduces_uninterrupted_fit(data, tmp_path):
         AutoNormal(model),
         data,
         num_steps=60,
+        final_lr=1e-2,
         checkpoint=path,
         checkpoint_every=10,
         progress=False,
@@ -346,18 +351,36 @@ def test_resume_of_a_flow_guide_with_laplace_start_reproduces_the_fit(tmp_path):
     x = torch.randn(40, 5, generator=gen)
     y = x @ torch.linspace(-1.0, 1.0, 5) + 0.5 * torch.randn(40, generator=gen)
     pyro.set_rng_seed(2)
-    full = fit(regression, AutoIAFGuide(regression), x, y, num_steps=30, progress=False)
+    full = fit(
+        regression, AutoIAFGuide(regression), x, y, num_steps=30, final_lr=1e-2, progress=False
+    )
     full_params = _params()
 
     pyro.clear_param_store()
     pyro.set_rng_seed(2)
     path = tmp_path / "fit.pt"
-    fit(regression, AutoIAFGuide(regression), x, y, num_steps=15, checkpoint=path, progress=False)
+    fit(
+        regression,
+        AutoIAFGuide(regression),
+        x,
+        y,
+        num_steps=15,
+        final_lr=1e-2,
+        checkpoint=path,
+        progress=False,
+    )
     pyro.clear_param_store()
     pyro.set_rng_seed(99)
     # the guide is built with gradients on, as in a fresh fit: the same start, same buffers
     resumed = fit(
-        regression, AutoIAFGuide(regression), x, y, num_steps=30, checkpoint=path, progress=False
+        regression,
+        AutoIAFGuide(regression),
+        x,
+        y,
+        num_steps=30,
+        final_lr=1e-2,
+        checkpoint=path,
+        progress=False,
     )
     np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
     for name, value in _params().items():
@@ -538,14 +561,15 @@ class Once:
         return out
 
 
-# AutoNormal of `model` has four parameters, so Adam.step runs four times per fit step;
+# AutoNormal of `model` has four parameters, so the default optimizer's step (ClippedAdam)
+# runs four times per fit step;
 # fit step k (0-based) writes checkpoint number k // 5 + 1 when k + 1 is a multiple of 5.
 INJECTION_POINTS = {
     # inside the loss computation of step 12 (model call 1 builds, 2 is fit's run, k + 3 step k)
     "loss": lambda mp: mp.setattr(sys.modules[__name__], "model", Once(model, 15, _interrupt)),
     # inside the optimizer update of step 12, after two of its four parameters were updated
     "update": lambda mp: mp.setattr(
-        torch.optim.Adam, "step", Once(torch.optim.Adam.step, 12 * 4 + 2, _interrupt, True)
+        ClippedAdam, "step", Once(ClippedAdam.step, 12 * 4 + 2, _interrupt, True)
     ),
     # right after the update of step 12 (fit zeroes the gradients next)
     "after update": lambda mp: mp.setattr(
@@ -1049,7 +1073,15 @@ def test_resume_with_a_new_learning_rate_uses_it_and_keeps_the_optimizer_state(d
     pyro.clear_param_store()
     pyro.set_rng_seed(7)
     path = tmp_path / "fit.pt"
-    fit(model, AutoNormal(model), data, num_steps=20, lr=0.05, checkpoint=path, progress=False)
+    fit(
+        model,
+        AutoNormal(model),
+        data,
+        num_steps=20,
+        optim=pyro.optim.Adam({"lr": 0.05}),
+        checkpoint=path,
+        progress=False,
+    )
     pyro.clear_param_store()
     optim = pyro.optim.Adam({"lr": 0.005})
     resumed = fit(
@@ -1061,17 +1093,42 @@ def test_resume_with_a_new_learning_rate_uses_it_and_keeps_the_optimizer_state(d
     assert {obj.param_groups[0]["lr"] for obj in optim.optim_objs.values()} == {0.005}
 
 
-def test_resume_without_optim_or_lr_keeps_the_checkpoints_learning_rate(data, tmp_path):
-    pyro.set_rng_seed(7)
-    full = fit(model, AutoNormal(model), data, num_steps=30, lr=0.05, progress=False)
+def _learning_rates(result):
+    return {group["lr"] for obj in result.optim.optim_objs.values() for group in obj.param_groups}
+
+
+def test_default_learning_rate_decays_from_lr_to_final_lr(data):
+    result = fit(model, AutoNormal(model), data, num_steps=40, progress=False)
+    assert isinstance(result.optim, pyro.optim.PyroOptim)
+    (last,) = _learning_rates(result)
+    assert math.isclose(last, 1e-4, rel_tol=1e-9)  # lr / 100 after the last step
     pyro.clear_param_store()
-    pyro.set_rng_seed(7)
+    result = fit(model, AutoNormal(model), data, num_steps=40, lr=0.05, final_lr=0.05)
+    assert _learning_rates(result) == {0.05}  # a constant rate on request
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="final_lr .* applies to the default optimizer only"):
+        fit(model, AutoNormal(model), data, num_steps=4, optim=pyro.optim.Adam({}), final_lr=0.1)
+    with pytest.raises(ValueError, match="final_lr must be a positive number, got -1"):
+        fit(model, AutoNormal(model), data, num_steps=4, final_lr=-1)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(data, tmp_path):
     path = tmp_path / "fit.pt"
-    fit(model, AutoNormal(model), data, num_steps=15, lr=0.05, checkpoint=path, progress=False)
+    first = fit(
+        model, AutoNormal(model), data, num_steps=15, lr=0.05, checkpoint=path, progress=False
+    )
+    (rate,) = _learning_rates(first)
+    assert math.isclose(rate, 0.05 / 100, rel_tol=1e-9)
     pyro.clear_param_store()
-    # neither optim nor lr: not a request for the default 1e-2
-    resumed = fit(model, AutoNormal(model), data, num_steps=30, checkpoint=path, progress=False)
-    np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
+    # more steps: the rest of the run follows this call's schedule, from its value at step 15
+    # (the rate jumps from the first schedule's end to the second's step 15, then decays to
+    # final_lr at step 30), and the optimizer state (Adam's moments) carries over
+    resumed = fit(
+        model, AutoNormal(model), data, num_steps=30, lr=0.05, checkpoint=path, progress=False
+    )
+    assert resumed.resumed_from == 15
+    (rate,) = _learning_rates(resumed)
+    assert math.isclose(rate, 0.05 / 100, rel_tol=1e-9)
 
 
 def test_resume_with_the_same_decaying_optimizer_continues_its_schedule(data, tmp_path):
@@ -1109,7 +1166,7 @@ def test_resume_with_another_optimizer_class_is_refused(data, tmp_path):
     path = tmp_path / "fit.pt"
     fit(model, AutoNormal(model), data, num_steps=3, checkpoint=path, progress=False)
     pyro.clear_param_store()
-    with pytest.raises(CheckpointError, match="torch.optim.adam.Adam, this fit uses .*SGD"):
+    with pytest.raises(CheckpointError, match="ClippedAdam, this fit uses .*SGD"):
         fit(
             model,
             AutoNormal(model),
@@ -1177,3 +1234,23 @@ def test_fit_result_repr_shows_enough_digits():
     assert "smoothed_elbo=-1234.57" in repr(result)
     result = FitResult(elbo_trace=np.array([-0.00123456]), wall_time=1.0, num_steps=1)
     assert "smoothed_elbo=-0.00123456" in repr(result)
+
+
+def test_losses_by_name(data):
+    from pyro_flowvi.estimators import TraceIW_ELBO, TraceSTL_ELBO
+
+    result = fit(model, AutoNormal(model), data, num_steps=3, loss="stl", num_particles=4)
+    assert isinstance(result.loss, TraceSTL_ELBO) and result.loss.num_particles == 4
+    assert result.loss.vectorize_particles
+    pyro.clear_param_store()
+    result = fit(model, AutoNormal(model), data, num_steps=3, loss="iw")
+    assert isinstance(result.loss, TraceIW_ELBO) and result.loss.num_particles == 8
+    pyro.clear_param_store()
+    result = fit(model, AutoNormal(model), data, num_steps=3)
+    assert type(result.loss) is Trace_ELBO and result.loss.num_particles == 1
+    with pytest.raises(ValueError, match=r"loss must be one of \['elbo', 'stl', 'iw'\].*'dreg'"):
+        fit(model, AutoNormal(model), data, num_steps=3, loss="dreg")
+    with pytest.raises(ValueError, match="num_particles applies to a loss given by name"):
+        fit(model, AutoNormal(model), data, num_steps=3, loss=Trace_ELBO(), num_particles=2)
+    with pytest.raises(ValueError, match="num_particles must be an int >= 1, got 0"):
+        fit(model, AutoNormal(model), data, num_steps=3, num_particles=0)

@@ -36,6 +36,12 @@ def loader(**options):
     return DataLoader(dataset(), batch_size=4, shuffle=True, **options)
 
 
+def adam():
+    """A constant learning rate: fit's default decays over num_steps, so a fit stopped early
+    and resumed would not be the uninterrupted one."""
+    return pyro.optim.Adam({"lr": 1e-2})
+
+
 def store():
     return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
@@ -47,6 +53,7 @@ def test_fit_with_batches_is_the_hand_written_loop_over_the_same_batches():
         AutoNormal(model, init_loc_fn=init_to_feasible),
         batches=loader(),
         num_steps=10,
+        optim=adam(),
         progress=False,
     )
     fitted = store()
@@ -143,19 +150,33 @@ def test_the_sampler_is_told_the_epoch():
 @pytest.mark.parametrize("stop", [6, 7, 8])  # at an epoch's end, after its first, its second
 def test_resume_continues_at_the_same_batch_bit_for_bit(tmp_path, stop):
     pyro.set_rng_seed(2)
-    full = fit(model, AutoNormal(model), batches=loader(), num_steps=15, progress=False)
+    full = fit(
+        model, AutoNormal(model), batches=loader(), num_steps=15, optim=adam(), progress=False
+    )
     full_params = store()
 
     pyro.clear_param_store()
     pyro.set_rng_seed(2)
     path = tmp_path / "fit.pt"
     fit(
-        model, AutoNormal(model), batches=loader(), num_steps=stop, checkpoint=path, progress=False
+        model,
+        AutoNormal(model),
+        batches=loader(),
+        num_steps=stop,
+        checkpoint=path,
+        optim=adam(),
+        progress=False,
     )
     pyro.clear_param_store()
     pyro.set_rng_seed(99)
     resumed = fit(
-        model, AutoNormal(model), batches=loader(), num_steps=15, checkpoint=path, progress=False
+        model,
+        AutoNormal(model),
+        batches=loader(),
+        num_steps=15,
+        checkpoint=path,
+        optim=adam(),
+        progress=False,
     )
     assert resumed.resumed_from == stop
     np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
@@ -165,7 +186,9 @@ def test_resume_continues_at_the_same_batch_bit_for_bit(tmp_path, stop):
 
 def test_ctrl_c_in_a_step_gives_its_batch_back(tmp_path):
     pyro.set_rng_seed(4)
-    full = fit(model, AutoNormal(model), batches=loader(), num_steps=12, progress=False)
+    full = fit(
+        model, AutoNormal(model), batches=loader(), num_steps=12, optim=adam(), progress=False
+    )
 
     calls = {"n": 0}
 
@@ -184,12 +207,19 @@ def test_ctrl_c_in_a_step_gives_its_batch_back(tmp_path):
         batches=loader(),
         num_steps=12,
         checkpoint=path,
+        optim=adam(),
         progress=False,
     )
     assert stopped.interrupted and stopped.num_steps == 7
     pyro.clear_param_store()
     resumed = fit(
-        model, AutoNormal(model), batches=loader(), num_steps=12, checkpoint=path, progress=False
+        model,
+        AutoNormal(model),
+        batches=loader(),
+        num_steps=12,
+        checkpoint=path,
+        optim=adam(),
+        progress=False,
     )
     np.testing.assert_array_equal(resumed.elbo_trace, full.elbo_trace)
 

@@ -866,3 +866,25 @@ def test_zuko_flow_as_the_guide_flow():
     assert torch.isfinite(log_q).all()
     with pytest.raises(ValueError):  # Pyro's validation is on again after the zuko import
         dist.Normal(0.0, -1.0)
+
+
+def test_stick_the_landing_option_equals_the_stl_estimator():
+    from pyro_flowvi.estimators import TraceSTL_ELBO
+
+    x, y = _regression_data()
+    grads = []
+    for option, loss in ((True, Trace_ELBO()), (False, TraceSTL_ELBO())):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = AutoPlanarGuide(regression_model, num_transforms=2, stick_the_landing=option)
+        guide(x, y)
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        pyro.set_rng_seed(4)
+        value = loss.differentiable_loss(regression_model, guide, x, y)
+        grads.append((value, torch.autograd.grad(value, list(guide.parameters()))))
+    (value_a, grads_a), (value_b, grads_b) = grads
+    torch.testing.assert_close(value_a, value_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b)
