@@ -71,11 +71,15 @@ def run_example(model: str, config: str, args: argparse.Namespace) -> dict:
         "--quiet",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
-    line = [text for text in done.stdout.splitlines() if text.startswith("{")][-1]
-    return {**json.loads(line), "config": config}
+    failures = []
+    for _ in range(2):  # a crashed run is repeated once, and the crash recorded
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            line = [text for text in done.stdout.splitlines() if text.startswith("{")][-1]
+            return {**json.loads(line), "config": config, "crashed_before": failures}
+        failures.append(done.stderr[-2000:])
+        print(f"{model} {config} failed, once more:\n{done.stderr[-1000:]}", flush=True)
+    raise RuntimeError(f"{' '.join(command)} failed twice:\n{done.stderr[-4000:]}")
 
 
 def measure_allreduce(sizes: list[int], repeats: int) -> dict[int, float] | None:

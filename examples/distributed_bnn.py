@@ -193,6 +193,8 @@ def main(args: argparse.Namespace) -> dict:
                 name = f"{args.model}-{world}x{args.threads}.json"
                 with open(os.path.join(args.outdir, name), "w") as handle:
                     json.dump(report, handle, indent=1)
+        if started_group:
+            torch.distributed.barrier()  # no process tears down while rank 0 evaluates
         return report
     finally:
         if started_group:
