@@ -24,6 +24,8 @@ __all__ = [
     "load_optimizer_states",
     "optimizer_description",
     "optimizer_states",
+    "own_state",
+    "process_state",
     "read_checkpoint",
     "restore_optimizer",
     "restore_params_and_buffers",
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro.util import get_rng_state
 
 FORMAT = "pyro-flowvi fit checkpoint"
 VERSION = 2
@@ -96,10 +99,12 @@ class CheckpointError(ValueError):
 
     Attributes:
         path: the checkpoint's path.
+        problem: what is wrong with it (the message without the path).
     """
 
     def __init__(self, path: str | os.PathLike, problem: str) -> None:
         self.path = str(path)
+        self.problem = problem
         super().__init__(f"fit: checkpoint {self.path!r} {problem}")
 
 
@@ -216,6 +221,39 @@ def rng_from_plain(plain: Mapping[str, Any]) -> dict[str, Any]:
             npy["gauss"],
         ),
     }
+
+
+def process_state(position: tuple[int, int, Mapping[str, Any] | None] | None) -> dict[str, Any]:
+    """This process's random-number state and position in the mini-batches, as plain data.
+
+    Arguments:
+        position: ``(epoch, batches taken in it, random-number state at its start)``, or
+            ``None`` for a fit without mini-batches.
+    """
+    batches = None
+    if position is not None:
+        epoch, index, rng = position
+        batches = {
+            "epoch": epoch,
+            "index": index,
+            "epoch_rng": None if rng is None else rng_to_plain(rng),
+        }
+    return {
+        "rng": rng_to_plain(get_rng_state()),
+        "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else None,
+        "batches": batches,
+    }
+
+
+def own_state(state: Mapping[str, Any], rank: int) -> dict[str, Any] | None:
+    """The :func:`process_state` a checkpoint saved for process ``rank``, if any: from the
+    per-process entry of a data-parallel fit, else (rank 0) from the top level."""
+    ranks = state.get("ranks")
+    if ranks is not None:
+        return ranks[rank] if rank < len(ranks) else None
+    if rank != 0:
+        return None
+    return {"rng": state["rng"], "cuda_rng": state["cuda_rng"], "batches": state.get("batches")}
 
 
 # optimizer state ------------------------------------------------------------------------
@@ -471,6 +509,53 @@ def _require(path: Path, state: dict[str, Any], dotted: str, kind: type | tuple)
         )
 
 
+# a random-number state inside an entry, as dotted paths below it
+_RNG_NESTED = {k[len("rng.") :]: v for k, v in _REQUIRED_NESTED.items() if k.startswith("rng.")}
+
+
+def _require_below(path: Path, root: Any, where: str, dotted: str, kind: type | tuple) -> None:
+    value = root
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise CheckpointError(path, f"is damaged: entry '{where}.{dotted}' is missing")
+        value = value[part]
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            path, f"is damaged: entry '{where}.{dotted}' is a {type(value).__name__}, not {kind}"
+        )
+
+
+def _check_position(path: Path, position: Any, where: str) -> None:
+    if position is None:
+        return
+    for key, kind in (("epoch", int), ("index", int), ("epoch_rng", (dict, type(None)))):
+        _require_below(path, position, where, key, kind)
+    if position["epoch_rng"] is not None:
+        for key, kind in _RNG_NESTED.items():
+            _require_below(path, position, where, f"epoch_rng.{key}", kind)
+
+
+def _check_processes(path: Path, state: dict[str, Any]) -> None:
+    """The entries of mini-batch and data-parallel fits (absent from older checkpoints)."""
+    for key, kind in (
+        ("batches", (dict, type(None))),
+        ("ranks", (list, type(None))),
+        ("world_size", int),
+    ):
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(
+                path, f"is damaged: entry {key!r} is a {type(state[key]).__name__}, not {kind}"
+            )
+    _check_position(path, state.get("batches"), "batches")
+    for rank, process in enumerate(state.get("ranks") or []):
+        where = f"ranks[{rank}]"
+        _require_below(path, process, where, "cuda_rng", (list, type(None)))
+        _require_below(path, process, where, "batches", (dict, type(None)))
+        for key, kind in _RNG_NESTED.items():
+            _require_below(path, process, where, f"rng.{key}", kind)
+        _check_position(path, process["batches"], f"{where}.batches")
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and validate a checkpoint without running code from it.
 
@@ -531,6 +616,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         for name, value in state[key].items():
             if not torch.is_tensor(value):
                 raise CheckpointError(path, f"is damaged: {key} entry {name!r} is no tensor")
+    _check_processes(path, state)
     if state["elbo_trace"].shape != (state["step"],):
         raise CheckpointError(path, "is damaged: its ELBO trace does not match its step count")
     return state

@@ -13,7 +13,12 @@ differences:
 - Ctrl-C is deferred while an update and its bookkeeping run, so an interrupted fit always
   holds a whole number of steps and resumes from its checkpoint bit for bit;
 - checkpoints hold tensors and plain data only and load without running code
-  (:class:`CheckpointError` for anything else).
+  (:class:`CheckpointError` for anything else);
+- with ``batches``, each step takes the next mini-batch of an iterable (a ``DataLoader``),
+  epoch after epoch, and a resume continues at the same batch;
+- with ``distributed=True``, every process of a ``torch.distributed`` group runs the same fit
+  on its own shard of each mini-batch, and the gradients are averaged across the processes
+  before the update (see :mod:`pyro_flowvi.distributed`).
 
 Guides that need an effect handler around every step (for example the local
 reparameterization of multiplicative-normalizing-flow weights) expose a method
@@ -37,7 +42,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,15 +61,25 @@ from ._checkpoint import (
     load_optimizer_states,
     optimizer_description,
     optimizer_states,
+    own_state,
+    process_state,
     read_checkpoint,
     restore_optimizer,
     restore_params_and_buffers,
     rng_from_plain,
-    rng_to_plain,
     write_checkpoint,
 )
+from ._collective import Collective
 from ._divergence import DivergenceGuard, DivergenceRule, DivergenceWarning
-from ._fit_helpers import SigintGuard, check_call, closing, progress_bar
+from ._fit_helpers import (
+    BatchStream,
+    SigintGuard,
+    build_params,
+    check_call,
+    closing,
+    progress_bar,
+    split_batch,
+)
 from ._nonfinite import NonFiniteLossError, diagnose, grads_finite, step_context
 
 _LOG = logging.getLogger(__name__)
@@ -93,6 +108,9 @@ class FitResult:
         best_elbo: that best median ELBO, or ``None``.
         restored_best: whether the parameters, buffers and optimizer state were put back to
             those ``best_step`` was estimated at (``divergence="stop"``).
+        world_size: the number of processes that fitted together (1 unless
+            ``distributed``); the ELBO trace is their mean, the same in every process.
+        epoch: with ``batches``, the epoch of the last batch taken (0-based), else ``None``.
         optim: the Pyro optimizer the fit used (the default one when none was passed), e.g.
             to go on training with its state.
         loss: the ELBO object (or callable) the fit used.
@@ -108,6 +126,8 @@ class FitResult:
     best_step: int | None = None
     best_elbo: float | None = None
     restored_best: bool = False
+    world_size: int = 1
+    epoch: int | None = None
     optim: Any = field(default=None, repr=False)
     loss: Any = field(default=None, repr=False)
 
@@ -154,26 +174,6 @@ def _as_float(loss: Any) -> float:
     if torch.is_tensor(loss):
         return float(loss.detach())
     return float(loss)
-
-
-def _build(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
-    """Run the guide and the model once, as a step would; return their parameter names.
-
-    Lazy guides create their parameters here, with gradients enabled as in a step. The
-    random-number state is put back afterwards, so the first step draws what it would draw
-    with a guide built beforehand: the trace does not depend on whether it was.
-    """
-    rng = get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        with poutine.trace(param_only=True) as capture, step_context(guide):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    finally:
-        set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    return list(capture.trace.nodes)
 
 
 def _params(names: list[str]) -> dict[str, torch.Tensor]:
@@ -236,6 +236,8 @@ def _checkpoint_state(
     wall_time: float,
     guard: DivergenceGuard,
     stopped: bool,
+    process: dict[str, Any],
+    ranks: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
     params, constraints = _params(names), _constraints(names)
     return {
@@ -248,10 +250,11 @@ def _checkpoint_state(
             "description": optimizer_description(optim, params),
             "states": optimizer_states(optim, names, clone=False),
         },
-        "rng": rng_to_plain(get_rng_state()),
-        "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else None,
+        **process,  # rank 0's random-number state and position in the batches
         **{key: _clone(own) for key, own in _buffers(model, guide).items()},
         "divergence": guard.state(stopped),
+        "world_size": 1 if ranks is None else len(ranks),
+        "ranks": ranks,  # every process's, for a data-parallel fit
     }
 
 
@@ -263,13 +266,27 @@ def _resume(
     model: Callable,
     guide: Callable,
     adjust: Callable[[dict], None] | None,
+    rank: int,
+    stream: BatchStream | None,
 ) -> None:
     params = _params(names)
     restore_params_and_buffers(path, state, params, _constraints(names), _buffers(model, guide))
     restore_optimizer(path, optim, state["optim"], params, adjust=adjust)
-    set_rng_state(rng_from_plain(state["rng"]))
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    own = own_state(state, rank)
+    if own is not None:
+        set_rng_state(rng_from_plain(own["rng"]))
+        if own["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda_rng"])
+    position = state.get("batches")
+    if stream is not None and position is not None:
+        # every process takes the same number of batches; the epoch's draws are its own
+        own_position = None if own is None else own.get("batches")
+        epoch_rng = None if own_position is None else own_position["epoch_rng"]
+        stream.seek(
+            position["epoch"],
+            position["index"],
+            None if epoch_rng is None else rng_from_plain(epoch_rng),
+        )
 
 
 def _on_schedule(schedule: tuple[float, float], step: int) -> Callable[[dict], None]:
@@ -369,6 +386,8 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     divergence: str | DivergenceRule = "stop",
+    batches: Iterable[Any] | None = None,
+    distributed: bool | Any = False,
     **kwargs: Any,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic variational inference.
@@ -421,6 +440,26 @@ def fit(
             :class:`DivergenceWarning` says what happened, and the result has
             ``diverged_at``, ``best_step``, ``best_elbo`` and ``restored_best``. The rule
             assumes a fixed objective: pass ``"ignore"`` for an annealed loss.
+        batches: mini-batches: an iterable that can be iterated again every epoch (a
+            ``torch.utils.data.DataLoader``, a list). Each step takes the next one and passes
+            it to the model and the guide after ``*args``: a tuple or list is unpacked into
+            positional arguments, a dict gives keyword arguments, anything else is one more
+            positional argument. ``num_steps`` counts mini-batches. Before each epoch,
+            ``set_epoch(epoch)`` is called on the iterable and on its sampler when they have
+            one (``DistributedSampler``). A resume continues at the batch after the last
+            recorded step, with the batches of an uninterrupted fit when their order is set by
+            the epoch or drawn from torch's global generator at the epoch's start
+            (``DataLoader(shuffle=True)`` without a ``generator``, ``DistributedSampler``).
+        distributed: ``True`` to fit data-parallel on the default ``torch.distributed``
+            process group (or pass a ``ProcessGroup``); every process of the group calls
+            ``fit`` with the same arguments and its own shard of the data (e.g. ``batches``
+            with a ``DistributedSampler``). The parameters and module buffers start from rank
+            0's values; at every step the gradients and the loss are averaged across the
+            processes (one all-reduce) before the update, so every process applies the same
+            update and sees the same ELBO trace, NaN guard and divergence decision. Only rank 0
+            shows the progress bar and writes the checkpoint (with every process's
+            random-number state); every process resumes from it, and so does a single
+            process. See ``docs/distributed.md``.
         **kwargs: keyword arguments of ``model`` and ``guide``; each must be a parameter of
             both (or both must take ``**kwargs``).
 
@@ -437,7 +476,11 @@ def fit(
         TypeError: before fitting, for a keyword argument that the model or the guide does
             not take (``learning_rate=`` suggests ``lr=``), or positional arguments they
             cannot take.
-        ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every`` or ``divergence``.
+        ValueError: for a bad ``num_steps``, ``lr``, ``checkpoint_every``, ``divergence``,
+            ``batches`` or ``distributed`` (``True`` without an initialized process group).
+        RuntimeError: in a data-parallel fit, when the processes built different parameters,
+            a parameter is first created after the first run, or rank 0 could not write the
+            checkpoint (in every process alike).
 
     ``fit`` runs with gradients enabled, also when called under ``torch.no_grad()``. Before
     the first step, it runs the guide and the model once (as a step does) so that lazy guides
@@ -448,12 +491,17 @@ def fit(
     kept, a checkpoint is written when one was asked for, and the result has
     ``interrupted=True``. An interrupt during the loss and gradient computation drops that
     step (its draws are rewound); one during the optimizer update or its bookkeeping (trace,
-    random-number state, checkpoint) takes effect once the step is recorded.
+    random-number state, checkpoint) takes effect once the step is recorded. In a
+    data-parallel fit a Ctrl-C in any process is a flag that travels with the next all-reduce,
+    and every process stops after that same step.
 
     Example:
         >>> guide = AutoIAFGuide(model)
         >>> result = fit(model, guide, data, num_steps=5000, lr=1e-2, checkpoint="fit.pt")
         >>> result.elbo_trace[-10:]
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True)
+        >>> result = fit(model, guide, batches=loader, num_steps=10 * len(loader),
+        ...              num_data=len(x))   # 10 epochs; num_data is passed to the model
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"fit: num_steps must be an int >= 0, got {num_steps!r}")
@@ -474,8 +522,14 @@ def fit(
     ):
         raise ValueError(f"fit: final_lr must be a positive number, got {final_lr!r}")
     rule = _divergence_rule(divergence)
+    sync = Collective.from_option(distributed, "fit")
+    rank = 0 if sync is None else sync.rank
+    stream = None if batches is None else BatchStream(batches)
+    first_args, first_kwargs = (
+        (args, kwargs) if stream is None else split_batch(stream.peek(), args, kwargs)
+    )
     loss = _loss(loss, num_particles)
-    check_call(model, guide, args, kwargs)
+    check_call(model, guide, first_args, first_kwargs)
     schedule = None
     if optim is None:
         start_lr = _DEFAULT_LR if lr is None else float(lr)
@@ -487,22 +541,32 @@ def fit(
         raise ValueError(
             f"fit: checkpoints need an optimizer with get_state/set_state, got {type(optim)}"
         )
-    saved = read_checkpoint(path) if path is not None and path.exists() else None
+    if sync is not None:
+        options = [num_steps, checkpoint_every, path is not None, stream is not None]
+        sync.check_same(options, "fit: num_steps, checkpoint_every, checkpoint?, batches?")
+    if sync is None:
+        saved = read_checkpoint(path) if path is not None and path.exists() else None
+    else:
+        saved = sync.read_checkpoint(path)
 
-    names = _build(model, guide, args, kwargs)
+    names = build_params(model, guide, first_args, first_kwargs)
+    if sync is not None:
+        sync.start_together(_params(names), _buffers(model, guide), "fit")
     known = set(names)
     guard = DivergenceGuard(rule)
     elbo: list[float] = []
     prior_time = 0.0
     if saved is not None:
         adjust = None if schedule is None else _on_schedule(schedule, len(saved["elbo_trace"]))
-        _resume(path, saved, names, optim, model, guide, adjust)
+        _resume(path, saved, names, optim, model, guide, adjust, rank, stream)
         elbo = saved["elbo_trace"].tolist()
         prior_time = float(saved["wall_time"])
         guard.resume(elbo, saved["divergence"])
         _LOG.info("fit: resumed from %s at step %d", path, len(elbo))
     resumed_from = len(elbo)
     last_saved = resumed_from if saved is not None else None
+    # the tensors whose gradients are averaged, in the same order in every process
+    synced = list(_params(names).values()) if sync is not None else []
 
     interrupted = stopped = restored = False
     smoothed = elbo[-1] if elbo else None
@@ -513,34 +577,70 @@ def fit(
 
     def save() -> None:
         nonlocal last_saved
-        state = _checkpoint_state(names, model, guide, optim, elbo, elapsed(), guard, stopped)
-        write_checkpoint(path, state)
+        process = process_state(None if stream is None else stream.mark())
+        ranks = None if sync is None else sync.gather(process)
+        state = _checkpoint_state(
+            names, model, guide, optim, elbo, elapsed(), guard, stopped, process, ranks
+        )
+        if sync is None:
+            write_checkpoint(path, state)
+        else:
+            sync.write_checkpoint(path, state)
         last_saved = len(elbo)
 
-    rng_state = None
+    rng_state = mark = None
     with (
         SigintGuard() as sigint,
-        closing(progress_bar(progress, num_steps, min(resumed_from, num_steps))) as bar,
+        closing(
+            progress_bar(progress and rank == 0, num_steps, min(resumed_from, num_steps))
+        ) as bar,
         warnings.catch_warnings(),
+        sigint.held(sync is not None),
     ):
         # Pyro's "Encountered NaN: loss" would only precede the NonFiniteLossError below
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         try:
             for step in range(resumed_from, num_steps):
                 rng_state = get_rng_state()
+                if stream is not None:
+                    mark = stream.mark()
+                    step_args, step_kwargs = split_batch(stream.next(), args, kwargs)
+                else:
+                    step_args, step_kwargs = args, kwargs
                 with poutine.trace(param_only=True) as capture, step_context(guide):
-                    loss_value = _as_float(_loss_and_grads(loss, model, guide, args, kwargs))
+                    loss_value = _as_float(
+                        _loss_and_grads(loss, model, guide, step_args, step_kwargs)
+                    )
                 params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-                if not known.issuperset(capture.trace.nodes):
+                created = [name for name in capture.trace.nodes if name not in known]
+                if created:
                     # a parameter first created in a step (a branch the first run missed)
-                    names += [name for name in capture.trace.nodes if name not in known]
-                    known.update(names)
+                    names += created
+                    known.update(created)
+                stop_requested = False
+                if sync is not None:
+                    local_loss = loss_value
+                    flags = [not math.isfinite(loss_value), len(created), sigint.take_pending()]
+                    reduced = sync.reduce_step(synced, loss_value, flags)
+                    if reduced.flags[1] > 0:
+                        zero_grads(params | set(synced))
+                        raise RuntimeError(
+                            f"fit: a parameter was first created at step {step} (in this "
+                            f"process: {created}); a data-parallel fit needs every parameter "
+                            "from the first run of the guide and the model, so that every "
+                            "process averages the same gradients"
+                        )
+                    loss_value = reduced.loss
+                    params = {p for p, used in zip(synced, reduced.used, strict=True) if used}
+                    stop_requested = reduced.flags[2] > 0
                 if not (math.isfinite(loss_value) and grads_finite(params)):
                     error = diagnose(
-                        step, loss_value, params, model, guide, args, kwargs, rng_state
+                        step, loss_value, params, model, guide, step_args, step_kwargs, rng_state
                     )
                     if error is not None:
                         zero_grads(params)
+                        if sync is not None:
+                            error = sync.annotate(error, reduced.flags[0], local_loss)
                         raise error
                 # From here to the end of the step a Ctrl-C waits: the update, the trace and
                 # the checkpoint are one unit, so a resume never repeats or loses a step.
@@ -574,12 +674,26 @@ def fit(
                     warnings.warn(
                         _divergence_message(guard, False, "warn"), DivergenceWarning, stacklevel=2
                     )
+                if stop_requested:
+                    # a Ctrl-C in some process: every process stops after this same step
+                    interrupted = True
+                    _LOG.warning(
+                        "fit: interrupted after %d steps; the parameters learned so far are kept",
+                        len(elbo),
+                    )
+                    break
         except KeyboardInterrupt:
+            if sync is not None:
+                # not the interrupt the processes agreed on (that one is a flag, above): the
+                # others may be waiting in a collective, so no checkpoint is attempted
+                raise
             interrupted = True
             if rng_state is not None:
-                # interrupted inside a step, before its update: rewind the step's draws too,
-                # so that a resume from the checkpoint repeats it exactly
+                # interrupted inside a step, before its update: rewind the step's draws (and
+                # batch) too, so that a resume from the checkpoint repeats it exactly
                 set_rng_state(rng_state)
+                if stream is not None and mark is not None:
+                    stream.seek(*mark)
             # drop gradients a half-finished step may have left behind
             for p in _params(names).values():
                 p.grad = None
@@ -591,6 +705,9 @@ def fit(
             with sigint.deferred(reraise=False) as section:
                 save()
             interrupted = interrupted or section.interrupted
+        if sync is not None:
+            # a Ctrl-C after the last step's all-reduce: every process reports it alike
+            interrupted = sync.mean(float(interrupted or sigint.take_pending())) > 0
     wall_time = elapsed()
     if stopped:
         warnings.warn(
@@ -607,6 +724,8 @@ def fit(
         best_step=guard.best_step,
         best_elbo=guard.best,
         restored_best=restored,
+        world_size=1 if sync is None else sync.world_size,
+        epoch=None if stream is None else stream.epoch,
         optim=optim,
         loss=loss,
     )
