@@ -8,8 +8,9 @@
 #
 # Environment:
 #   PYRO_SRC   where Pyro's tests come from: a source tree, a clone, or a bare git directory.
-#              Default: fetch PYRO_REF from https://github.com/pyro-ppl/pyro with git (Pyro's
+#              Default: fetch PYRO_REF from PYRO_GIT_URL with git (Pyro's
 #              sdist on PyPI ships no tests/infer, so git is the only reproducible source).
+#   PYRO_GIT_URL  the repository to fetch from (default https://github.com/pyro-ppl/pyro).
 #   PYRO_REF   the Pyro commit or tag (default: the commit the docs' tally was measured at;
 #              release 1.9.1's test_serialization calls torch.load without weights_only=False,
 #              which torch >= 2.6 refuses for every guide, Pyro's included).
@@ -30,7 +31,7 @@ mkdir -p "$src"
 paths=(setup.cfg tests)
 if [ -z "${PYRO_SRC:-}" ]; then
     git -C "$src" init -q
-    git -C "$src" fetch -q --depth 1 https://github.com/pyro-ppl/pyro "$ref"
+    git -C "$src" fetch -q --depth 1 "${PYRO_GIT_URL:-https://github.com/pyro-ppl/pyro}" "$ref"
     git -C "$src" archive FETCH_HEAD "${paths[@]}" | tar -x -C "$src"
 elif [ -f "$PYRO_SRC/HEAD" ] && [ -d "$PYRO_SRC/objects" ]; then  # a bare git directory
     git --git-dir="$PYRO_SRC" archive "$ref" "${paths[@]}" | tar -x -C "$src"
