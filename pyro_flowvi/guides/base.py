@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["AutoFlowGuide"]
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
@@ -39,6 +40,7 @@ from ..distributions import FlowDistribution
 from ..flows import FLOWS, Compose, ElementwiseAffine, Flow, TriangularAffine, build_flows
 from ..flows.zuko import as_flow
 from .initialization import initial_gaussian, model_log_density
+from .transform import FlowTransform
 
 FlowSpec = Flow | Callable[[int], Flow]
 
@@ -80,6 +82,9 @@ def _is_subsampled(frame: object) -> bool:
     full = frame.full_size
     return bool(frame.vectorized and full is not None and frame.size < full)
 
+
+# pyro.module's warning about a parameter with requires_grad=False (see AutoFlowGuide._flow).
+_FROZEN_WARNING = r".* was not registered in the param store because requires_grad=False"
 
 # base="studentt": starting degrees of freedom of every coordinate and their lower bound.
 _INIT_DF = 10.0
@@ -338,13 +343,18 @@ class AutoFlowGuide(AutoContinuous):
         return model_log_density(self._given_model[0], self._unpack_latent, args, kwargs)
 
     def _pins_location(self) -> bool:
-        """Whether ``init_loc_fn`` is Pyro's ``init_to_value`` with a value for a latent site:
-        then the start stays centred there (no mode search)."""
-        fn = self._init_loc_fn
-        if getattr(fn, "func", None) is not init_to_value:
-            return False
-        values = fn.keywords.get("values") or {}
-        return any(name in values for name, _ in self.prototype_trace.iter_stochastic_nodes())
+        """Whether ``init_loc_fn`` gave some latent site a value of the user's choosing: then
+        the start stays centred there (no mode search).
+
+        Pyro's own convention (its ``ReparamMessenger`` reads it too): the generic strategies
+        (``init_to_median``, ``init_to_mean``, ``init_to_feasible``, ``init_to_sample``,
+        ``init_to_uniform``) mark their values with ``_pyro_custom_init = False``; a value
+        without that mark came from ``init_to_value`` or from a function of the user's.
+        """
+        return any(
+            getattr(site["value"], "_pyro_custom_init", True)
+            for _, site in self.prototype_trace.iter_stochastic_nodes()
+        )
 
     def _subsampled_log_joint(self) -> bool:
         """Whether any site of the model sits in a subsampled plate (a noisy log joint)."""
@@ -422,6 +432,47 @@ class AutoFlowGuide(AutoContinuous):
     # ----------------------------------------------------------------------------------------
     # the posterior
 
+    def _flow(self) -> Compose:
+        """The flow stack. Inside a guide call, each access registers its parameters with
+        Pyro's param store (``PyroModule`` calls ``pyro.module``), which leaves out frozen
+        parameters (``requires_grad=False``) and warns about each one unless the stack is in
+        eval mode. Freezing a trained guide (``guide.requires_grad_(False)``, as before
+        prediction or NeuTra) is deliberate, and Pyro's own autoguides stay silent then."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_FROZEN_WARNING, category=UserWarning)
+            return self.flow
+
+    def _built(self, method: str) -> None:
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}: call the guide once with the model's arguments "
+                "(guide(*args)) first; the flow's layers are only built then"
+            )
+
+    def get_base_dist(self) -> dist.TorchDistribution:
+        r"""The distribution of :math:`\epsilon`, event shape ``(D,)``: standard normal (or
+        Student-t with :attr:`base_df` for ``base="studentt"``).
+
+        As for Pyro's ``AutoContinuous``, the posterior is ``TransformedDistribution(
+        guide.get_base_dist(), guide.get_transform())``; Pyro's
+        :class:`~pyro.infer.reparam.NeuTraReparam` reads these two methods.
+        """
+        self._built("get_base_dist")
+        loc = self._flow().layers[-1].loc
+        zero, one = torch.zeros_like(loc), torch.ones_like(loc)
+        if self.base == "studentt":
+            return dist.StudentT(self.base_df, zero, one).to_event(1)
+        return dist.Normal(zero, one).to_event(1)
+
+    def get_transform(self, *args: object, **kwargs: object) -> FlowTransform:
+        r"""The whole map from :math:`\epsilon` to the packed unconstrained latent (the flow
+        layers, the base location and scale, and the Laplace preconditioner if any), as a
+        :class:`~torch.distributions.Transform` (see :meth:`get_base_dist`)."""
+        if self.prototype_trace is None and (args or kwargs):
+            self._setup_prototype(*args, **kwargs)
+        self._built("get_transform")
+        return FlowTransform(self._flow())
+
     def get_posterior(self, *args: object, **kwargs: object) -> FlowDistribution:
         """The flow distribution over the packed unconstrained latent (event shape ``(D,)``).
 
@@ -430,14 +481,7 @@ class AutoFlowGuide(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        flow = self.flow
-        loc = flow.layers[-1].loc
-        zero, one = torch.zeros_like(loc), torch.ones_like(loc)
-        if self.base == "studentt":
-            base = dist.StudentT(self.base_df, zero, one).to_event(1)
-        else:
-            base = dist.Normal(zero, one).to_event(1)
-        return FlowDistribution(base, flow)
+        return FlowDistribution(self.get_base_dist(), self._flow())
 
     def sample_latent(self, *args: object, **kwargs: object) -> Tensor:
         """Draw the packed latent and score it in the same pass.
@@ -461,11 +505,16 @@ class AutoFlowGuide(AutoContinuous):
 
     @torch.no_grad()
     def _summary_draws(self, *args: object, **kwargs: object) -> Tensor:
+        r"""``summary_samples`` draws (rounded up to even) from a fixed seed, in antithetic pairs
+        :math:`f(\epsilon), f(-\epsilon)`: the base is symmetric, so each half is a sample
+        of the guide, and wherever the guide is point-symmetric (every Gaussian, so every
+        guide at its start) the median comes out exactly at the centre."""
         posterior = self.get_posterior(*args, **kwargs)
         device = posterior.base.mean.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            return posterior.rsample((self.summary_samples,))
+            eps = posterior.base.sample(((self.summary_samples + 1) // 2,))
+        return self._flow()(torch.cat([eps, -eps]))[0]
 
     @torch.no_grad()
     def quantiles(
