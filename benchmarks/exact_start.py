@@ -250,7 +250,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                     todo = [
                         e
                         for e in args.estimators
-                        if not (
+                        if (e == "elbo" or name not in args.elbo_only)
+                        and not (
                             args.reuse
                             and flow_guides.load_cell(
                                 cell_path(args.outdir, dim, name, e, seed), config
@@ -416,6 +417,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--guides", nargs="+", default=DEFAULT_GUIDES)
     parser.add_argument("--estimators", nargs="+", default=list(flow_guides.ESTIMATORS))
+    parser.add_argument(
+        "--elbo-only", nargs="*", default=[], help="guides trained with the plain ELBO only"
+    )
     parser.add_argument("--outdir", default="/tmp/exact_start")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--report-only", action="store_true")
