@@ -19,7 +19,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
-from .flows.base import Flow
+from .flows.base import Compose, Flow
 
 _EMPTY = torch.Size()
 
@@ -92,9 +92,12 @@ class FlowDistribution(TorchDistribution):
                 :math:`\nabla_z \log q(z) \, \partial z / \partial \phi` only, without the
                 score term :math:`\partial_\phi \log q_\phi(z)` (zero in expectation, and
                 the only gradient left when :math:`q` equals the posterior). Computed as
-                ``log_q - s + s.detach()`` with ``s = log_prob(z.detach())`` (through the
-                inverse of the stack: one extra pass; every layer must have an inverse).
-                Without gradients it changes nothing and costs nothing.
+                ``log_q - s + s.detach()`` with ``s`` the log-density at the detached draw as
+                a function of the parameters, through
+                :meth:`~pyro_flowvi.flows.Flow.inverse_at` at the preimages the forward pass
+                just computed (no equation is solved, so the value is exact however the
+                trained map is conditioned; every layer must have an inverse). Without
+                gradients it changes nothing and costs nothing.
 
         Returns:
             ``(z, log_q)`` of shapes ``sample_shape + batch_shape + (D,)`` and
@@ -106,12 +109,17 @@ class FlowDistribution(TorchDistribution):
         """
         x = self.base.rsample(sample_shape)
         log_q = self.base.log_prob(x)
-        y, ladj = self.flow(x, self.context)
-        log_q = log_q - ladj
-        if stick_the_landing and torch.is_grad_enabled():
-            score = self.log_prob(y.detach())
-            log_q = log_q - score + score.detach()
-        return y, log_q
+        if not (stick_the_landing and torch.is_grad_enabled()):
+            y, ladj = self.flow(x, self.context)
+            return y, log_q - ladj
+        flow = self.flow if isinstance(self.flow, Compose) else Compose([self.flow])
+        y, ladj, inputs = flow.forward_with_inputs(x, self.context)
+        # log q at the fixed draw, as a function of the parameters: the inverse at the known
+        # preimages (exact values, derivatives by the implicit function theorem)
+        known = [h.detach() for h in inputs]
+        base_point, ladj_inverse = flow.inverse_at(y.detach(), known, self.context)
+        score = self.base.log_prob(base_point) + ladj_inverse
+        return y, (log_q - ladj) - score + score.detach()
 
     def rsample(self, sample_shape: torch.Size = _EMPTY) -> Tensor:
         return self.rsample_and_log_prob(sample_shape)[0]

@@ -9,8 +9,11 @@ where :math:`\theta_i` depends on :math:`x_1, \ldots, x_{i-1}` (and the context 
 so the Jacobian is lower-triangular with diagonal :math:`\tau'(x_i; \theta_i)`. This is the
 *inverse autoregressive* direction (Kingma et al., 2016): a sample and its log-density come
 from one pass, which is what variational inference needs. The inverse is exact and takes D
-sequential passes: pass :math:`k` computes :math:`\theta_k` from the already-correct
-:math:`x_{<k}` and inverts coordinate :math:`k` alone.
+sequential steps: step :math:`k` computes :math:`\theta_k` from the already-correct
+:math:`x_{<k}` and inverts coordinate :math:`k` alone. The MADE is evaluated incrementally
+(:class:`~pyro_flowvi.flows.made.IncrementalMADE`): each step activates only the hidden units
+that the newly fixed input has made final, so the D steps together cost one pass of the
+network plus D scalar inversions, not D passes.
 
 With the affine or gated affine transformer this is IAF (:class:`~pyro_flowvi.flows.IAF`);
 with the rational-quadratic spline, an autoregressive neural spline flow; with the deep
@@ -58,7 +61,7 @@ class Autoregressive(Flow):
         >>> from pyro_flowvi.flows.transformers import RationalQuadraticSpline
         >>> layer = Autoregressive(4, transformer=RationalQuadraticSpline(bins=8))
         >>> y, ladj = layer(torch.randn(10, 4))
-        >>> x, ladj_inv = layer.inverse(y)  # exact, 4 passes
+        >>> x, ladj_inv = layer.inverse(y)  # exact, 4 sequential steps
 
     References:
         Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016,
@@ -113,18 +116,48 @@ class Autoregressive(Flow):
         y, log_derivative = self.transformer(x, self._params(x, context))
         return y, log_derivative.sum(-1)
 
+    def inverse_at(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`Flow.inverse_at`: the same sequence as :meth:`inverse`, each coordinate
+        taken at its known value (:meth:`Transformer.inverse_at`: no root solve), so an
+        ill-conditioned layer cannot spoil the values."""
+        return self._invert(y, context, x.detach())
+
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context, None)
+
+    def _invert(
+        self, y: Tensor, context: Tensor | None, known: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         self._check_context(context)
         batch = y.shape[:-1]
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
         y = y.expand(batch + y.shape[-1:])
-        x = torch.zeros_like(y)
-        ladj = y.new_zeros(batch)
+        if known is not None:
+            known = known.expand(batch + known.shape[-1:])
+        if self.input_dim == 1:  # the parameters depend on the context alone: one pass
+            params = self.made(torch.zeros_like(y), context)
+            if known is None:
+                x, log_derivative = self.transformer.inverse(y, params)
+            else:
+                x, log_derivative = self.transformer.inverse_at(y, known, params)
+            return x, log_derivative[..., 0]
+        # theta_k depends on x_{<k} only, which the previous steps made exact; the MADE
+        # evaluates the units coordinate k needs, from the inputs fixed so far.
+        steps = self.made.incremental(context, batch)
+        columns, log_derivatives = [], []
         for k in range(self.input_dim):
-            # theta_k depends on x_{<k} only, which the previous passes made exact.
-            params = self._params(x, context)[..., k : k + 1]
-            x_k, log_derivative = self.transformer.inverse(y[..., k : k + 1], params)
-            x = torch.cat([x[..., :k], x_k, x[..., k + 1 :]], dim=-1)
-            ladj = ladj + log_derivative[..., 0]
-        return x, ladj
+            params = steps.outputs(k).unsqueeze(-1)  # (..., P, 1)
+            if known is None:
+                x_k, log_derivative = self.transformer.inverse(y[..., k : k + 1], params)
+            else:
+                x_k, log_derivative = self.transformer.inverse_at(
+                    y[..., k : k + 1], known[..., k : k + 1], params
+                )
+            columns.append(x_k)
+            log_derivatives.append(log_derivative)
+            if k + 1 < self.input_dim:
+                steps.append(k, x_k[..., 0])
+        return torch.cat(columns, dim=-1), torch.cat(log_derivatives, dim=-1).sum(-1)

@@ -83,6 +83,27 @@ class Flow(nn.Module):
             "unavailable; score the samples it produced with rsample_and_log_prob instead"
         )
 
+    def inverse_at(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""The inverse at a point :math:`y = f(x)` whose preimage :math:`x` is known (the
+        forward pass that produced :math:`y` computed it).
+
+        Returns ``(x', ladj)``: ``x'`` has the value of ``x`` and the derivatives of the
+        inverse map :math:`f^{-1}(y)` with respect to ``y``, the parameters and the context
+        (by the implicit function theorem), and ``ladj = log|det dx/dy|`` has its
+        derivatives too. This is what the score of :math:`\log q_\phi(z)` at a fixed draw
+        :math:`z` needs ("sticking the landing", importance-weighted estimators): since the
+        root is known, nothing is solved, and where a trained map is badly conditioned (an
+        inverse autoregressive layer that contracts strongly) the value stays exact while a
+        numerical inverse could lose it.
+
+        The default runs :meth:`inverse` and keeps its derivatives, with the value replaced
+        by ``x``; layers whose inverse is sequential or numerical override it.
+        """
+        x_inverse, ladj = self.inverse(y, context)
+        return x.detach() + (x_inverse - x_inverse.detach()), ladj
+
     def _check_context(self, context: Tensor | None) -> None:
         if self.context_dim is None:
             if context is not None:
@@ -138,6 +159,35 @@ class Compose(Flow):
             x, step = layer(x, context if layer.context_dim is not None else None)
             ladj = ladj + step
         return x, ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj
+
+    def forward_with_inputs(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`forward` that also returns the input of every layer (for :meth:`inverse_at`)."""
+        inputs = []
+        ladj = x.new_zeros(())
+        for layer in self.layers:
+            inputs.append(x)
+            x, step = layer(x, context if layer.context_dim is not None else None)
+            ladj = ladj + step
+        return x, ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj, inputs
+
+    def inverse_at(
+        self, y: Tensor, x: Tensor | list[Tensor], context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`Flow.inverse_at` through every layer. ``x`` is the list of the layers'
+        inputs (from :meth:`forward_with_inputs`); a single tensor (the stack's input) is
+        mapped forward once to recover them."""
+        if torch.is_tensor(x):
+            with torch.no_grad():
+                _, _, x = self.forward_with_inputs(x, context)
+        ladj = y.new_zeros(())
+        for layer, known in zip(reversed(self.layers), reversed(x), strict=True):
+            y, step = layer.inverse_at(
+                y, known, context if layer.context_dim is not None else None
+            )
+            ladj = ladj + step
+        return y, ladj.expand(y.shape[:-1]) if ladj.dim() == 0 else ladj
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         for layer in self.layers:

@@ -30,9 +30,11 @@ __all__ = ["MaskedCoupling", "alternating_mask"]
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Flow
+from .made import readout_weight_scale
 from .transformers import AffineTransformer, Transformer
 
 
@@ -43,6 +45,19 @@ def alternating_mask(input_dim: int, parity: int = 0) -> Tensor:
     affine map rather than the identity.
     """
     return ((torch.arange(input_dim) + parity) % 2 == 1).to(torch.get_default_dtype())
+
+
+class _Readout(nn.Linear):
+    """The coupling network's last layer, its weight times a constant (see
+    :func:`~pyro_flowvi.flows.made.readout_weight_scale`)."""
+
+    def __init__(self, in_features: int, out_features: int, weight_scale: float) -> None:
+        super().__init__(in_features, out_features)
+        self.weight_scale = weight_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight if self.weight_scale == 1.0 else self.weight * self.weight_scale
+        return F.linear(x, weight, self.bias)
 
 
 class MaskedCoupling(Flow):
@@ -63,6 +78,10 @@ class MaskedCoupling(Flow):
             ``AffineTransformer(log_scale_bound)``). The MLP outputs ``P`` values for each of
             the D coordinates (the kept ones are ignored), so the parameter names and shapes
             do not depend on the mask.
+        readout_scale: the constant scale of the MLP's last weight: ``"fan_in"`` (default,
+            ``1 / width``, so Adam's first steps move the outputs by about the learning rate)
+            or a number (1 for an unscaled readout); see
+            :func:`~pyro_flowvi.flows.made.readout_weight_scale`.
 
     Example:
         >>> layer = MaskedCoupling(6, hidden_dims=(32,))
@@ -85,6 +104,7 @@ class MaskedCoupling(Flow):
         context_dim: int | None = None,
         log_scale_bound: float = 5.0,
         transformer: Transformer | None = None,
+        readout_scale: float | str = "fan_in",
     ) -> None:
         super().__init__(input_dim, context_dim)
         if mask is None:
@@ -116,7 +136,8 @@ class MaskedCoupling(Flow):
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(n_in, n_out), nn.Tanh()]
-        out = nn.Linear(sizes[-1], transformer.num_params * input_dim)
+        scale = readout_weight_scale(readout_scale, sizes[-1], "MaskedCoupling")
+        out = _Readout(sizes[-1], transformer.num_params * input_dim, scale)
         nn.init.zeros_(out.weight)  # the transformer's start (the identity) at the start
         nn.init.zeros_(out.bias)
         layers.append(out)

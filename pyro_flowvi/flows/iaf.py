@@ -11,7 +11,8 @@ identity ordering), so the Jacobian is lower-triangular with diagonal :math:`\si
 is an :class:`Autoregressive` layer with the gated affine transformer. The gate bias :math:`c`
 (default 2) keeps :math:`\sigma` near 1 at the start; the log-scale is never clamped, so a
 diverging fit shows up in the loss rather than being hidden. The inverse is exact and takes D
-sequential passes: pass :math:`k` fixes :math:`x_k` from the correct :math:`x_{<k}`.
+sequential steps: step :math:`k` fixes :math:`x_k` from the correct :math:`x_{<k}` (one MADE
+pass in total, see :class:`~pyro_flowvi.flows.Autoregressive`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class IAF(Autoregressive):
     Example:
         >>> layer = IAF(4)
         >>> y, ladj = layer(torch.randn(10, 4))  # y: (10, 4), ladj: (10,)
-        >>> x, ladj_inv = layer.inverse(y)  # exact, 4 passes
+        >>> x, ladj_inv = layer.inverse(y)  # exact, 4 sequential steps
 
     References:
         Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016,

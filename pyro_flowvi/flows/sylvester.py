@@ -18,15 +18,19 @@ map is invertible.
 which the log-determinant above is wrong once :math:`R, \tilde R` have non-zero off-diagonals.)
 
 The inverse is numerical. With :math:`v = Q^\top x` the map reads
-:math:`Q^\top y = v + R h(\tilde R v + b)`, whose component :math:`i` depends on
-:math:`v_i, \ldots, v_M` only: back-substitution from :math:`i = M` down to 1 solves one scalar
-increasing equation :math:`v_i + r_{ii} \tanh(\tilde r_{ii} v_i + s_i) = t_i` per component.
-The part of :math:`x` orthogonal to the columns of :math:`Q` is left unchanged.
+:math:`Q^\top y = v + R h(\tilde R v + b)`; the pre-activation :math:`a = \tilde R v + b` solves
+the upper-triangular system :math:`a + \tilde R R\, h(a) = \tilde R Q^\top y + b`, whose
+component :math:`i` depends on :math:`a_i, \ldots, a_M` only and increases in :math:`a_i`.
+:func:`solve_preactivation` runs Newton's method on the whole vector (one batched triangular
+solve per step) and falls back to back-substitution, M scalar bracketed solves, for the points
+where Newton has not converged, so the root is found whatever the parameters; then
+:math:`x = y - Q R h(a)` (the part of :math:`x` orthogonal to the columns of :math:`Q` is left
+unchanged).
 """
 
 from __future__ import annotations
 
-__all__ = ["Sylvester"]
+__all__ = ["Sylvester", "solve_preactivation"]
 
 import math
 
@@ -43,6 +47,172 @@ _VARIANTS = ("orthogonal", "householder", "triangular")
 #: The default M is min(D, this): R and R~ hold M^2 parameters and Q (orthogonal variant) D M,
 #: so an uncapped default would be quadratic in D (10^8 parameters per layer at D = 10^4).
 MAX_DEFAULT_VECTORS = 64
+
+
+#: Newton steps on the whole vector before :func:`solve_preactivation` falls back to
+#: back-substitution for the points that have not converged (trained layers need 3 to 6).
+NEWTON_STEPS = 12
+
+
+def _back_substitute(a: Tensor, a_matrix: Tensor, c: Tensor) -> Tensor:
+    r"""Solve :math:`a + A \tanh(a) = c` by back-substitution, without autograd.
+
+    Component :math:`i` (from M down to 1) is the scalar equation
+    :math:`a_i + A_{ii} \tanh(a_i) = c_i - \sum_{j > i} A_{ij} \tanh(a_j)`, solved by the
+    bracketed Newton-bisection iteration of :func:`~pyro_flowvi.flows.planar._solve_tanh_equation`,
+    which converges whatever its inputs when :math:`A_{ii} > -1`.
+
+    Arguments:
+        a: a tensor of shape ``(N, M)`` to write the root into (its values are ignored).
+        a_matrix: :math:`A`, upper-triangular, shape ``(N, M, M)``.
+        c: shape ``(N, M)``.
+
+    Returns:
+        ``a``, filled in.
+    """
+    activation = torch.zeros_like(a)
+    zero = a.new_zeros(())
+    for i in range(a.shape[-1] - 1, -1, -1):
+        target = c[:, i] - (a_matrix[:, i, i + 1 :] * activation[:, i + 1 :]).sum(-1)
+        a[:, i] = _solve_tanh_equation(target, a_matrix[:, i, i], zero + 1, zero)
+        activation[:, i] = torch.tanh(a[:, i])
+    return a
+
+
+def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Tensor:
+    r"""The pre-activation :math:`a = \tilde R v + b` of the point :math:`v` that solves
+    :math:`v + R \tanh(\tilde R v + b) = w`.
+
+    Substituting :math:`v = w - R \tanh(a)` into :math:`a = \tilde R v + b` gives
+
+    .. math::
+
+        G(a) = a + A \tanh(a) - c = 0, \qquad A = \tilde R R, \quad c = \tilde R w + b,
+
+        G'(a) = I + A\, \mathrm{diag}(1 - \tanh^2 a).
+
+    :math:`A` is upper-triangular with :math:`A_{ii} = r_{ii} \tilde r_{ii} \in (-1, 1)`, so
+    component :math:`i` of :math:`G` depends on :math:`a_i, \ldots, a_M` only and is strictly
+    increasing in :math:`a_i`: :math:`G` has exactly one root, found by back-substitution,
+    and :math:`v = w - R \tanh(a)` is then the one solution of the layer's equation (it
+    satisfies :math:`\tilde R v + b = c - A \tanh(a) = a`). :math:`G'` is upper-triangular
+    with diagonal :math:`1 + A_{ii} (1 - \tanh^2 a_i) > 0`, and it scales the columns of the
+    fixed matrix :math:`A`: a Newton step costs :math:`O(M^2)` per point (one batched
+    triangular solve), where the Jacobian :math:`I + R H \tilde R` of the equation in
+    :math:`v` would need a matrix product, :math:`O(M^3)`.
+
+    The solve runs in three stages.
+
+    1. Newton on the whole vector, without autograd, from :math:`a = c` (the identity's
+       pre-activation), each iterate projected onto the box
+       :math:`|a - c| \le |A| \mathbf{1}` that holds the root (because
+       :math:`|\tanh| \le 1`). A point has converged when every component of its full
+       Newton step is below ``eps ** 0.75`` (relative, ``eps`` of the dtype): near the simple
+       root the step is the error, and the next iterate's error its square.
+    2. The points that have not converged after :data:`NEWTON_STEPS` steps (or whose step is
+       not finite, or whose Jacobian has a diagonal entry that rounded to zero) are solved
+       again by back-substitution (:func:`_back_substitute`), M scalar bracketed solves that
+       converge whatever the parameters. The result is therefore the
+       root in every case; Newton only makes the usual case fast.
+    3. One more Newton step with autograd on and the Jacobian detached, for its gradient
+       only: at the root its derivative is :math:`-G'(a)^{-1} \partial G`, the gradient of
+       the implicit function theorem with respect to :math:`w`, :math:`R`, :math:`\tilde R`
+       and :math:`b`. Its value (zero up to rounding) is subtracted back out: where
+       :math:`G'` is nearly singular (:math:`r_{ii} \tilde r_{ii}` near -1 in several
+       components) the triangular solve would amplify the rounding of :math:`G(a)` and
+       spoil a root that back-substitution found to full backward accuracy. Without
+       gradients the step is skipped (the value is the same).
+
+    Arguments:
+        w: :math:`Q^\top y`, shape ``(..., M)``.
+        r, r_tilde: :math:`R, \tilde R`, upper-triangular, shape ``(..., M, M)``, with
+            :math:`r_{ii} \tilde r_{ii} > -1`.
+        b: shape ``(..., M)``.
+
+    Returns:
+        :math:`a` of the broadcast batch shape and ``(M,)``.
+    """
+    a_matrix = r_tilde @ r
+    c = _matvec(r_tilde, w) + b
+    size = c.shape[-1]
+    batch = c.shape[:-1]
+    # Work on a flat batch; A stays (M, M) when every point shares it (unconditional layers).
+    c = c.reshape(-1, size)
+    if a_matrix.dim() > 2:
+        a_matrix = a_matrix.expand(batch + (size, size)).reshape(-1, size, size)
+    eye = torch.eye(size, dtype=c.dtype, device=c.device)
+    tol = torch.finfo(c.dtype).eps ** 0.75
+    with torch.no_grad():
+        a_fixed, c_fixed = a_matrix.detach(), c.detach()
+        shared = a_fixed.dim() == 2
+        radius = a_fixed.abs().sum(-1)
+        lower, upper = c_fixed - radius, c_fixed + radius
+        a = c_fixed.clone()
+        # The points still iterating: a converged point leaves the set with its last iterate.
+        active = torch.arange(a.shape[0], device=a.device)
+        for _ in range(NEWTON_STEPS):
+            a_active = a[active]
+            step = _newton_step(
+                a_active, a_fixed if shared else a_fixed[active], c_fixed[active], eye, math.nan
+            )
+            a_active = torch.clamp(a_active - step, lower[active], upper[active])
+            a[active] = a_active
+            # NaN fails the comparison: a point with a non-finite step (or a singular
+            # Jacobian) has not converged.
+            converged = (step.abs() <= tol * (1 + a_active.abs())).all(-1)
+            active = active[~converged]
+            if active.numel() == 0:
+                break
+        if active.numel():
+            matrices = a_fixed.expand(a.shape[:1] + (size, size))[active]
+            a[active] = _back_substitute(a[active], matrices, c_fixed[active])
+    if torch.is_grad_enabled() and (a_matrix.requires_grad or c.requires_grad):
+        step = _newton_step(a, a_matrix, c, eye, 0.0)
+        a = a - (step - step.detach())  # the same value, with the implicit-function gradient
+    return a.reshape(batch + (size,))
+
+
+#: Entries of the Jacobians formed at once (512 KiB in float64): a larger block falls out of
+#: the cache, and a fresh multi-megabyte allocation costs page faults at every Newton step.
+_JACOBIAN_BLOCK = 2**16
+
+
+def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``matrix @ vector`` over batches: a single matrix product when ``matrix`` is 2-D."""
+    return (vector.unsqueeze(-2) @ matrix.mT).squeeze(-2)
+
+
+def _newton_step(
+    a: Tensor, a_matrix: Tensor, c: Tensor, eye: Tensor, singular_step: float
+) -> Tensor:
+    r"""The Newton step :math:`G'(a)^{-1} G(a)` of :func:`solve_preactivation`.
+
+    ``a, c`` have shape ``(N, M)``, ``a_matrix`` ``(M, M)`` or ``(N, M, M)``. The Jacobian is
+    detached: at the root the step's derivative is then :math:`-G'(a)^{-1} \partial G`, the
+    implicit-function gradient. A diagonal entry :math:`1 + A_{ii} (1 - \tanh^2 a_i)` that
+    rounded to zero or below (possible only when :math:`r_{ii} \tilde r_{ii}` rounds to -1)
+    would make the step infinite: such a point gets ``singular_step`` in every component
+    instead (NaN in the iteration, so that the point goes to back-substitution; zero in the
+    final step, so that the root is kept, without the gradient step, as in the scalar solver).
+    """
+    activation = torch.tanh(a)
+    residual = a + _matvec(a_matrix, activation) - c
+    slope = (1 - activation * activation).detach().unsqueeze(-2)
+    matrix = a_matrix.detach()
+    size = a.shape[-1]
+    block = max(1, _JACOBIAN_BLOCK // (size * size))
+    steps = []
+    for start in range(0, a.shape[0], block):
+        part = slice(start, start + block)
+        jacobian = torch.addcmul(eye, matrix if matrix.dim() == 2 else matrix[part], slope[part])
+        diagonal = jacobian.diagonal(dim1=-2, dim2=-1)
+        singular = diagonal <= 0
+        diagonal.masked_fill_(singular, 1.0)
+        singular = singular.any(-1, keepdim=True)
+        rhs = torch.where(singular, 0.0, residual[part])
+        step = torch.linalg.solve_triangular(jacobian, rhs.unsqueeze(-1), upper=True)
+        steps.append(torch.where(singular, singular_step, step.squeeze(-1)))
+    return steps[0] if len(steps) == 1 else torch.cat(steps)
 
 
 def _is_positive_int(value: object) -> bool:
@@ -225,23 +395,11 @@ class Sylvester(Flow):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         q, r, r_tilde, b, r_diag, r_tilde_diag = self._params(context)
         w = self._project(y, q)  # = v + R tanh(R~ v + b)
-        v_parts: list[Tensor] = []  # v_M, v_{M-1}, ... as they are solved
-        act_parts: list[Tensor] = []
-        for i in range(self.num_ortho_vectors - 1, -1, -1):
-            target, shift = w[..., i], b[..., i]
-            if v_parts:
-                later_v = torch.stack(v_parts[::-1], dim=-1)  # v_{i+1}, ..., v_M
-                later_act = torch.stack(act_parts[::-1], dim=-1)
-                target = target - (r[..., i, i + 1 :] * later_act).sum(-1)
-                shift = shift + (r_tilde[..., i, i + 1 :] * later_v).sum(-1)
-            v_i = _solve_tanh_equation(target, r_diag[..., i], r_tilde_diag[..., i], shift)
-            v_parts.append(v_i)
-            act_parts.append(torch.tanh(r_tilde_diag[..., i] * v_i + shift))
-        v = torch.stack(v_parts[::-1], dim=-1)
-        activation = torch.stack(act_parts[::-1], dim=-1)
-        x = self._embed(v, q)
-        if self.num_ortho_vectors < self.input_dim:
-            x = x + (y - self._embed(w, q))  # the part orthogonal to Q's columns
+        activation = torch.tanh(solve_preactivation(w, r, r_tilde, b))
+        # y - Q R h(a) is x exactly: x - Q v is the part orthogonal to Q's columns, unchanged.
+        shift = _matvec(r, activation)
+        # One matrix product for the batch (``_embed``'s form expands Q to every point).
+        x = y - (self._embed(shift, q) if q is None else _matvec(q, shift))
         return x, -self._ladj(activation, r_diag, r_tilde_diag).expand(x.shape[:-1])
 
     def extra_repr(self) -> str:

@@ -68,6 +68,18 @@ class Transformer(nn.Module):
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def inverse_at(self, y: Tensor, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The inverse at a known root :math:`x` of :math:`\tau(x; \theta) = y`: the value
+        ``x``, the derivatives of :math:`\tau^{-1}(y; \theta)` (one Newton step from the
+        root, whose residual is zero, so only its derivatives count), and
+        ``-log tau'(x; theta)`` with its derivatives. Shapes as :meth:`inverse`."""
+        x = x.detach()
+        value, log_derivative = self.forward(x, params)
+        step = (value - y) * torch.exp(-log_derivative.detach())
+        x = x - (step - step.detach())  # exactly x (step - step is 0), derivatives of -step
+        _, log_derivative = self.forward(x, params)
+        return x, -log_derivative
+
     def _check_params(self, params: Tensor) -> None:
         if torch.jit.is_tracing():  # sizes are tensors then; a trace has fixed shapes anyway
             return
