@@ -306,13 +306,13 @@ def test_reverse_model_at_initialisation(reverse_model):
     )
     guide(torch.randn(5, 3), torch.randint(0, 4, (5,)))
     layer = guide.weights.get_submodule("layers.0.weight")
-    vectors = layer.unpack()
+    vectors, flows = layer.unpack()
     mu, sigma = layer.loc.detach(), layer.scale.detach()
     m, s = vectors["z_loc"].detach(), vectors["z_scale"].detach()
     z = m + s * torch.randn(3)
     w = z * mu + sigma * torch.randn(4, 3)
     log_q_z = dist.Normal(m, s).log_prob(z).sum()
-    log_r = layer.log_r(z, w, sigma, vectors)
+    log_r = layer.log_r(z, w, sigma, vectors, flows)
     if reverse_model == "tanh":
         assert torch.allclose(log_r, log_q_z)
     else:

@@ -64,7 +64,8 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 from pyro.poutine.runtime import am_i_wrapped
-from torch import Tensor, nn
+from torch import Tensor
+from torch.func import functional_call
 
 from ..flows.base import Compose
 from ..flows.coupling import MaskedCoupling, alternating_mask
@@ -86,11 +87,12 @@ class _MNFWeight(PyroModule):
     :math:`q(z_0)`, :math:`c, a_1, b_1, a_2, b_2` of :math:`r`, and the weights of both coupling
     stacks) lives in one flat parameter ``aux``. Pyro's optimizers keep one torch optimizer per
     parameter tensor, so packing makes MNF cost three optimizer updates per weight site instead
-    of ~25; the coupling modules keep their structure (and mask buffers) and receive views of
-    ``aux`` as their weights before each use.
+    of ~25. The coupling modules keep their structure (and mask buffers) but no parameters of
+    their own: they run through ``torch.func.functional_call`` with views of ``aux``.
     """
 
     _VECTORS = ("z_loc", "z_scale", "r_c", "r_a1", "r_b1", "r_a2", "r_b2")
+    _FLOWS = ("flow_q", "flow_r")
 
     def __init__(
         self,
@@ -127,34 +129,42 @@ class _MNFWeight(PyroModule):
         )
         self.flow_q = _coupling_stack(dim, num_transforms, hidden_dims)
         self.flow_r = _coupling_stack(dim, num_r_transforms, hidden_dims)
-        self._flow_slots: list[tuple[nn.Module, str, torch.Size]] = []
+        # (flow, parameter name, shape) in the order of their slices of aux
+        self._flow_slots: list[tuple[str, str, torch.Size]] = []
         flat = [vectors.flatten()]
-        for flow in (self.flow_q, self.flow_r):
+        for which in self._FLOWS:
+            flow = getattr(self, which)
             if flow is None:
                 continue
             flow.to(**like)
-            for module in flow.modules():
-                for name, param in list(module.named_parameters(recurse=False)):
-                    self._flow_slots.append((module, name, param.shape))
-                    flat.append(param.detach().flatten())
-                    del module._parameters[name]
+            for name, param in list(flow.named_parameters()):
+                self._flow_slots.append((which, name, param.shape))
+                flat.append(param.detach().flatten())
+                owner, _, attr = name.rpartition(".")
+                delattr(flow.get_submodule(owner), attr)  # aux holds the value from now on
         self.aux = PyroParam(torch.cat(flat), constraints.real)
 
-    def unpack(self) -> dict[str, Tensor]:
-        """The named vectors of ``aux``; also binds the coupling weights to views of it."""
+    def unpack(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """The named vectors of ``aux`` and, per coupling stack, its weights as views of it."""
         aux = self.aux
         size = len(self._VECTORS) * self.dim
         vectors = dict(zip(self._VECTORS, aux[:size].view(-1, self.dim), strict=True))
         vectors["z_scale"] = F.softplus(vectors["z_scale"])
+        flows: dict[str, dict[str, Tensor]] = {which: {} for which in self._FLOWS}
         offset = size
-        for module, name, shape in self._flow_slots:
+        for which, name, shape in self._flow_slots:
             numel = shape.numel()
-            module.__dict__[name] = aux[offset : offset + numel].view(shape)
+            flows[which][name] = aux[offset : offset + numel].view(shape)
             offset += numel
-        return vectors
+        return vectors, flows
 
-    def _flow(self, which: str) -> Compose | None:
-        return self._modules.get(which)  # not via __getattr__: the weights are bound views
+    def _run(
+        self, which: str, flows: dict[str, dict[str, Tensor]], z: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        flow = getattr(self, which)
+        if flow is None:
+            return z, z.new_zeros(z.shape[:-1])
+        return functional_call(flow, flows[which], (z,))
 
     def expand_z(self, z: Tensor) -> Tensor:
         """Shape ``z`` of shape ``(..., D)`` to broadcast against the weight."""
@@ -162,15 +172,18 @@ class _MNFWeight(PyroModule):
             return z.unsqueeze(-2)
         return z[..., None, None, None]
 
-    def push_z(self, z0: Tensor) -> tuple[Tensor, Tensor]:
-        r""":math:`z = f(z_0)` and :math:`\log|\det \partial z / \partial z_0|` (bind first)."""
-        flow = self._flow("flow_q")
-        if flow is None:
-            return z0, z0.new_zeros(z0.shape[:-1])
-        return flow(z0)
+    def push_z(self, z0: Tensor, flows: dict[str, dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        r""":math:`z = f(z_0)` and :math:`\log|\det \partial z / \partial z_0|`; ``flows`` from
+        :meth:`unpack`."""
+        return self._run("flow_q", flows, z0)
 
     def log_r(
-        self, z: Tensor, weight: Tensor, scale: Tensor, vectors: dict[str, Tensor]
+        self,
+        z: Tensor,
+        weight: Tensor,
+        scale: Tensor,
+        vectors: dict[str, Tensor],
+        flows: dict[str, dict[str, Tensor]],
     ) -> Tensor:
         r""":math:`\log r(z \mid W)` for ``z`` of shape ``(..., D)``, ``W`` of weight shape."""
         if self.reverse_model == "tanh":
@@ -188,11 +201,7 @@ class _MNFWeight(PyroModule):
             precision = prior_precision + likelihood_precision
             mean = (prior_precision * vectors["r_a1"] + statistic) / precision
             log_precision = precision.log()
-        flow = self._flow("flow_r")
-        if flow is None:
-            z_b, ladj = z, z.new_zeros(z.shape[:-1])
-        else:
-            z_b, ladj = flow(z)
+        z_b, ladj = self._run("flow_r", flows, z)
         log_density = 0.5 * (
             log_precision - log_precision.exp() * (z_b - mean).pow(2) - math.log(2 * math.pi)
         )
@@ -301,20 +310,20 @@ class AutoMNFGuide(_BayesianLayerGuide):
 
     def _sample_weight(self, name: str, site: dict[str, Any]) -> Tensor:
         layer = attrgetter(name)(self.weights)
-        vectors = layer.unpack()
+        vectors, flows = layer.unpack()
         z0 = pyro.sample(
             f"{name}_z0",
             dist.Normal(vectors["z_loc"], vectors["z_scale"]).to_event(1),
             infer={"is_auxiliary": True},
         )
-        z, ladj_q = layer.push_z(z0)
+        z, ladj_q = layer.push_z(z0, flows)
         mu = layer.loc
         scale = self._clip(layer.scale)
         z_loc, z_scale = vectors["z_loc"], vectors["z_scale"]
 
         def sample_z(rows: int) -> Tensor:
             eps = torch.randn(rows, layer.dim, dtype=mu.dtype, device=mu.device)
-            return layer.push_z(z_loc + z_scale * eps)[0]
+            return layer.push_z(z_loc + z_scale * eps, flows)[0]
 
         q_w = GaussianWeight(
             mu * layer.expand_z(z),
@@ -324,7 +333,7 @@ class AutoMNFGuide(_BayesianLayerGuide):
             noise=(mu, sample_z),
         )
         weight = pyro.sample(name, q_w)
-        log_r = layer.log_r(z, weight, scale, vectors)
+        log_r = layer.log_r(z, weight, scale, vectors, flows)
         # the ELBO subtracts a guide factor: -(ladj + log r) adds log r - log q(z) + log q(z0)
         if am_i_wrapped():  # outside inference a factor means nothing (and Pyro warns)
             pyro.factor(f"{name}_aux", -(ladj_q + log_r), has_rsample=True)
@@ -332,5 +341,6 @@ class AutoMNFGuide(_BayesianLayerGuide):
 
     def _weight_median(self, name: str) -> Tensor:
         layer = attrgetter(name)(self.weights)
-        z, _ = layer.push_z(layer.unpack()["z_loc"])
+        vectors, flows = layer.unpack()
+        z, _ = layer.push_z(vectors["z_loc"], flows)
         return layer.loc * layer.expand_z(z)
