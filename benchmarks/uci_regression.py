@@ -463,7 +463,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with one sub-folder per data set")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    p.add_argument("--splits", type=int, default=20, help="use the first K splits of each")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=["20"],
+        help="the first K splits of every data set (K), or of one (NAME=K), e.g. 20 "
+        "naval-propulsion-plant=5",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--outdir", required=True)
     p.add_argument("--epochs", type=int, default=None, help="epochs for every data set")
@@ -497,18 +503,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_splits(items: list[str], datasets: list[str]) -> dict[str, int]:
+    """``["20", "naval-propulsion-plant=5"]`` -> splits per data set."""
+    default, table = None, {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            count = int(value)
+        except ValueError:
+            raise SystemExit(f"uci_regression: --splits takes K or NAME=K, got {item!r}") from None
+        if not sep:
+            default = count
+        elif name not in datasets:
+            raise SystemExit(f"uci_regression: --splits names {name!r}, not in --datasets")
+        else:
+            table[name] = count
+    missing = [n for n in datasets if n not in table and default is None]
+    if missing:
+        raise SystemExit(f"uci_regression: --splits gives no count for {missing}")
+    return {n: table.get(n, default) for n in datasets}
+
+
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise SystemExit(f"uci_regression: --data-dir {str(data_dir)!r} is not a folder")
+    args.splits_for = _parse_splits(args.splits, args.datasets)
     for name in args.datasets:
         available = num_splits(data_dir, name)
         if available == 0:
             raise SystemExit(f"uci_regression: no splits for {name!r} in {str(data_dir)!r}")
-        if args.splits < 1 or args.splits > available:
+        if not 1 <= args.splits_for[name] <= available:
             raise SystemExit(
                 f"uci_regression: --splits must be in [1, {available}] for {name!r}, got "
-                f"{args.splits}"
+                f"{args.splits_for[name]}"
             )
     for value, label in ((args.epochs, "--epochs"), (args.batch_size, "--batch-size")):
         if value is not None and value < 1:
@@ -542,7 +570,7 @@ def main(args: argparse.Namespace) -> dict:
     have = {(r["dataset"], r["split"], r["method"]) for r in done}
     tasks = []
     for name in args.datasets:
-        for split in range(args.splits):
+        for split in range(args.splits_for[name]):
             missing = [m for m in args.methods if (name, split, m) not in have]
             if missing:
                 tasks.append((name, split, missing))
@@ -574,7 +602,9 @@ def main(args: argparse.Namespace) -> dict:
             for future in as_completed(futures):
                 record(future.result())
     wall = time.perf_counter() - start
-    keep = {(n, s, m) for n in args.datasets for s in range(args.splits) for m in args.methods}
+    keep = {
+        (n, s, m) for n in args.datasets for s in range(args.splits_for[n]) for m in args.methods
+    }
     rows = [r for r in done + new if (r["dataset"], r["split"], r["method"]) in keep]
     summary = summarize(rows)
     command = getattr(args, "command_line", None)

@@ -102,9 +102,20 @@ def test_parallel_jobs_give_the_same_numbers(bench, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, "toy")
     write_dataset(data, "toy2", seed=1)
-    common = ("--datasets", "toy", "toy2", "--splits", "2", "--methods", "meanfield", "map")
+    common = (
+        "--datasets",
+        "toy",
+        "toy2",
+        "--splits",
+        "2",
+        "toy2=1",
+        "--methods",
+        "meanfield",
+        "map",
+    )
     serial = bench.main(tiny_args(bench, data, tmp_path / "serial", *common))["records"]
     parallel = bench.main(tiny_args(bench, data, tmp_path / "par", *common, "--jobs", "2"))
+    assert {(r["dataset"], r["split"]) for r in serial} == {("toy", 0), ("toy", 1), ("toy2", 0)}
     key = lambda r: (r["dataset"], r["split"], r["method"])  # noqa: E731
     for a, b in zip(sorted(serial, key=key), sorted(parallel["records"], key=key), strict=True):
         assert key(a) == key(b)
@@ -134,6 +145,21 @@ def test_bad_arguments(bench, tmp_path):
     with pytest.raises(SystemExit, match="--splits must be in \\[1, 2\\]"):
         bench.main(
             tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "toy", "--splits", "3")
+        )
+    write_dataset(tmp_path, "toy2", seed=1)
+    with pytest.raises(SystemExit, match="no count for \\['toy2'\\]"):
+        bench.main(
+            tiny_args(
+                bench, tmp_path, tmp_path / "o", "--datasets", "toy", "toy2", "--splits", "toy=1"
+            )
+        )
+    with pytest.raises(SystemExit, match="names 'x', not in --datasets"):
+        bench.main(
+            tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "toy", "--splits", "x=1")
+        )
+    with pytest.raises(SystemExit, match="K or NAME=K, got 'toy=two'"):
+        bench.main(
+            tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "toy", "--splits", "toy=two")
         )
     with pytest.raises(SystemExit, match="no splits for 'nope'"):
         bench.main(tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "nope"))
