@@ -270,7 +270,8 @@ def test_mnf_without_flows_and_unit_noise_is_mean_field():
             if "bias" in name:
                 dict(mnf.named_parameters())[name].copy_(param)
     ones = {
-        f"{name}_z0": torch.ones(n) for name, n in (("layers.0.weight", 3), ("layers.1.weight", 4))
+        f"{name}_z0": torch.zeros(n)
+        for name, n in (("layers.0.weight", 3), ("layers.1.weight", 4))
     }
     pyro.set_rng_seed(3)
     mf_trace = poutine.trace(mean_field).get_trace(x, y)
@@ -286,7 +287,7 @@ def test_mnf_without_flows_and_unit_noise_is_mean_field():
             if name in mean_field.weight_sites:
                 assert torch.allclose(site["fn"].loc, ref["fn"].loc)
                 assert torch.allclose(site["fn"].scale, ref["fn"].scale)
-        else:  # z0 = 1 and the auxiliary factor: the only difference in the bound
+        else:  # eps = 0 (so z = 1) and the auxiliary factor: the only difference in the bound
             extra = extra + site["fn"].log_prob(site["value"]).sum()
 
     def elbo(guide_trace):
@@ -306,13 +307,13 @@ def test_reverse_model_at_initialisation(reverse_model):
     )
     guide(torch.randn(5, 3), torch.randint(0, 4, (5,)))
     layer = guide.weights.get_submodule("layers.0.weight")
-    vectors = layer.unpack()
+    vectors, flows = layer.unpack()
     mu, sigma = layer.loc.detach(), layer.scale.detach()
     m, s = vectors["z_loc"].detach(), vectors["z_scale"].detach()
     z = m + s * torch.randn(3)
     w = z * mu + sigma * torch.randn(4, 3)
     log_q_z = dist.Normal(m, s).log_prob(z).sum()
-    log_r = layer.log_r(z, w, sigma, vectors)
+    log_r = layer.log_r(z, w, sigma, vectors, flows)
     if reverse_model == "tanh":
         assert torch.allclose(log_r, log_q_z)
     else:

@@ -5,16 +5,24 @@ from __future__ import annotations
 from .guides import AutoMeanFieldGuide
 from .local_reparam import LocalReparameterizationMessenger, local_reparameterization
 from .mnf import AutoMNFGuide
-from .models import BayesianConvNet, BayesianMLP, bayesian_layer
+from .models import NOISE_SITE, BayesianConvNet, BayesianMLP, bayesian_layer
+from .predictive import log_likelihood_draws, mixture_log_likelihood, predictive_log_likelihood
+from .training import EpochFitResult, fit_epochs
 from .weight import GaussianWeight
 
 __all__ = [
+    "NOISE_SITE",
     "AutoMNFGuide",
     "AutoMeanFieldGuide",
     "BayesianConvNet",
     "BayesianMLP",
+    "EpochFitResult",
     "GaussianWeight",
     "LocalReparameterizationMessenger",
     "bayesian_layer",
+    "fit_epochs",
     "local_reparameterization",
+    "log_likelihood_draws",
+    "mixture_log_likelihood",
+    "predictive_log_likelihood",
 ]

@@ -31,10 +31,11 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn import PyroModule, PyroParam
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -42,6 +43,11 @@ from .local_reparam import _WeightProbe, local_reparameterization
 from .weight import GaussianWeight
 
 InitFn = Callable[[dict[str, Any]], Tensor]
+
+
+def _hide_all_but_latents(msg: dict[str, Any]) -> bool:
+    """Block every message but latent sample sites (what an autoguide's prototype records)."""
+    return msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg)
 
 
 def _is_real(support: constraints.Constraint) -> bool:
@@ -88,12 +94,12 @@ class _BayesianLayerGuide(AutoGuide):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         name = type(self).__name__
         probe = _WeightProbe()
-        model = poutine.block(InitMessenger(self._init_value)(self.model), prototype_hide_fn)
+        model = poutine.block(InitMessenger(self._init_value)(self.model), _hide_all_but_latents)
         self.prototype_trace = poutine.block(poutine.trace(probe(model)).get_trace)(
             *args, **kwargs
         )
-        if self.master is not None:
-            self.master()._check_prototype(self.prototype_trace)
+        if self.master is not None:  # a part of an AutoGuideList
+            self._check_against_master(self.master().prototype_trace)
         self._prototype_frames = {}
         latent = list(self.prototype_trace.iter_stochastic_nodes())
         for site_name, site in latent:
@@ -141,6 +147,26 @@ class _BayesianLayerGuide(AutoGuide):
                 self._setup_weight(site_name, site)
             else:
                 self._setup_other(site_name, site)
+
+    def _check_against_master(self, master_trace: Trace | None) -> None:
+        """The sites of this part must have the shapes the ``AutoGuideList`` saw."""
+        if master_trace is None:
+            return
+        name = type(self).__name__
+        for site_name, site in self.prototype_trace.iter_stochastic_nodes():
+            if site_name not in master_trace.nodes:
+                raise ValueError(
+                    f"{name}: site {site_name!r} of this AutoGuideList part is not a site of "
+                    "the list's model"
+                )
+            ref = master_trace.nodes[site_name]
+            for what in ("batch_shape", "event_shape"):
+                mine, theirs = getattr(site["fn"], what), getattr(ref["fn"], what)
+                if mine != theirs:
+                    raise ValueError(
+                        f"{name}: site {site_name!r} has {what} {tuple(mine)} in this part "
+                        f"but {tuple(theirs)} in the AutoGuideList's model"
+                    )
 
     def _init_weight_loc(self, site: dict[str, Any]) -> Tensor:
         """The user's init when given, else LeCun normal N(0, 1 / fan_in)."""

@@ -39,11 +39,9 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import Unit
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.trace_messenger import TraceMessenger
-from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
+from ._pyro_internals import innermost_trace
 from .weight import GaussianWeight
 
 _ARG_NAMES: dict[Callable[..., Tensor], tuple[str, ...]] = {
@@ -51,6 +49,19 @@ _ARG_NAMES: dict[Callable[..., Tensor], tuple[str, ...]] = {
     F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
 }
 _KIND = {F.linear: "linear", F.conv2d: "conv2d"}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`_SampledWeight` in it (also inside lists, tuples and
+    dicts) viewed as a plain tensor (same storage and autograd graph)."""
+    if isinstance(value, _SampledWeight):
+        return value.as_subclass(Tensor)  # as_subclass does not dispatch to __torch_function__
+    if isinstance(value, list | tuple):
+        items = [_plain(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class _SampledWeight(Tensor):
@@ -99,16 +110,13 @@ class _SampledWeight(Tensor):
                 bound.get("input"), _SampledWeight
             ):
                 return weight._layer_call(func, bound)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        # every other operation sees plain tensors, so its results are plain tensors too
+        return func(*_plain(args), **_plain(kwargs))
 
     def _layer_call(self, func: Callable[..., Tensor], bound: dict[str, Any]) -> Tensor:
         if self._on_use is not None:
             self._on_use(self._site, _KIND[func])
-        plain = {
-            k: v.as_subclass(Tensor) if isinstance(v, _SampledWeight) else v
-            for k, v in bound.items()
-        }
+        plain = _plain(bound)
         if self._loc is None:
             return func(**plain)
         self._uses += 1
@@ -151,13 +159,6 @@ class _SampledWeight(Tensor):
         return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
 
 
-def _innermost_trace() -> Trace | None:
-    for frame in reversed(_PYRO_STACK):
-        if isinstance(frame, TraceMessenger):
-            return frame.trace
-    return None
-
-
 class LocalReparameterizationMessenger(Messenger):
     """Effect handler behind :func:`local_reparameterization` (see the module docstring).
 
@@ -183,7 +184,7 @@ class LocalReparameterizationMessenger(Messenger):
     def _check_guide_factor(msg: dict[str, Any]) -> None:
         if "has_rsample" in msg["fn"].__dict__:
             return
-        trace = _innermost_trace()
+        trace = innermost_trace()  # None (check skipped) if Pyro's internals change
         if trace is None:
             return
         in_guide = any(

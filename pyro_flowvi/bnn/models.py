@@ -6,11 +6,23 @@ are ``PyroSample`` sites with the prior :math:`\mathcal N(0, s^2)`; the likeliho
 set. Nothing here is specific to a guide: the same model runs with MCMC, ``AutoNormal``,
 :class:`~pyro_flowvi.bnn.AutoMeanFieldGuide` or :class:`~pyro_flowvi.bnn.AutoMNFGuide`. The
 prior scale is a buffer, so ``model.to(device)`` moves the priors too.
+
+Regression with a learned noise level (the UCI protocol of Hernandez-Lobato & Adams, 2015)
+puts a Gamma prior on the noise precision :math:`\tau` of a Gaussian likelihood,
+
+.. math::
+
+    \tau \sim \mathrm{Gamma}(\alpha, \beta), \qquad
+    y_n \mid W, \tau \sim \mathcal N\bigl(f_W(x_n), \tau^{-1}\bigr),
+
+sampled at the global site ``"noise_precision"`` (``BayesianMLP(..., likelihood="normal",
+noise_precision_prior=(alpha, beta))``); PBP uses :math:`\alpha = \beta = 6` on standardized
+targets, a prior noise standard deviation near 1 that the data quickly overrule.
 """
 
 from __future__ import annotations
 
-__all__ = ["BayesianConvNet", "BayesianMLP", "bayesian_layer"]
+__all__ = ["NOISE_SITE", "BayesianConvNet", "BayesianMLP", "bayesian_layer"]
 
 from collections.abc import Sequence
 
@@ -23,6 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 _LIKELIHOODS = ("categorical", "normal")
+NOISE_SITE = "noise_precision"
 
 
 class _NormalPrior:
@@ -71,9 +84,40 @@ def _check(name: str, likelihood: str, noise_scale: float, dims: Sequence[int]) 
         raise ValueError(f"{name}: layer sizes must be positive ints, got {list(dims)}")
 
 
+def _check_noise_prior(
+    likelihood: str, noise_scale: float | None, prior: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    if prior is None:
+        return None
+    if likelihood != "normal":
+        raise ValueError(
+            "BayesianMLP: noise_precision_prior needs likelihood='normal', got "
+            f"likelihood={likelihood!r}"
+        )
+    if noise_scale is not None:
+        raise ValueError(
+            f"BayesianMLP: pass noise_scale (fixed noise, got {noise_scale}) or "
+            f"noise_precision_prior (learned noise, got {prior}), not both"
+        )
+    try:
+        alpha, beta = (float(v) for v in prior)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "BayesianMLP: noise_precision_prior must be a pair (concentration, rate), got "
+            f"{prior!r}"
+        ) from None
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(
+            "BayesianMLP: noise_precision_prior needs concentration > 0 and rate > 0, got "
+            f"{prior!r}"
+        )
+    return alpha, beta
+
+
 class _BayesianNet(PyroModule):
     likelihood: str
     noise_scale: float
+    learned_noise: bool = False
 
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -93,6 +137,22 @@ class _BayesianNet(PyroModule):
         """
         out = self.features(x)
         batch = x.shape[0]
+        if y is not None and y.shape != (batch,):
+            raise ValueError(
+                f"{type(self).__name__}: site 'obs' needs targets y of shape ({batch},) for x "
+                f"of shape {tuple(x.shape)}, got {tuple(y.shape)}"
+            )
+        if num_data is not None and num_data < batch:
+            raise ValueError(
+                f"{type(self).__name__}: num_data (the training-set size) must be >= the batch "
+                f"size {batch}, got {num_data}"
+            )
+        noise_scale: Tensor | float = self.noise_scale
+        if self.learned_noise:
+            precision = pyro.sample(
+                NOISE_SITE, dist.Gamma(self.noise_concentration, self.noise_rate)
+            )
+            noise_scale = precision.rsqrt()
         with pyro.plate("data", size=num_data or batch, subsample=torch.arange(batch)):
             if self.likelihood == "categorical":
                 pyro.deterministic("logits", out, event_dim=1)
@@ -100,7 +160,7 @@ class _BayesianNet(PyroModule):
             else:
                 out = out.squeeze(-1)
                 pyro.deterministic("mean", out)
-                pyro.sample("obs", dist.Normal(out, self.noise_scale), obs=y)
+                pyro.sample("obs", dist.Normal(out, noise_scale), obs=y)
         return out
 
 
@@ -113,11 +173,16 @@ class BayesianMLP(_BayesianNet):
         hidden_dims: hidden widths.
         prior_scale: :math:`s` in the :math:`\mathcal N(0, s^2)` prior on weights and biases.
         likelihood: ``"categorical"`` (logits) or ``"normal"`` (homoscedastic regression).
-        noise_scale: the observation noise of the normal likelihood.
+        noise_scale: a fixed observation noise of the normal likelihood (default 1).
+        noise_precision_prior: ``(alpha, beta)``: learn the noise instead, with the prior
+            :math:`\tau \sim \mathrm{Gamma}(\alpha, \beta)` on its precision at the site
+            ``"noise_precision"`` (see the module docstring); excludes ``noise_scale``.
 
     Example:
         >>> model = BayesianMLP(64, 5, hidden_dims=(50,))
         >>> logits = model(torch.randn(8, 64))  # a draw from the prior predictive
+        >>> regression = BayesianMLP(8, 1, (50,), likelihood="normal",
+        ...                          noise_precision_prior=(6.0, 6.0))
     """
 
     def __init__(
@@ -128,12 +193,24 @@ class BayesianMLP(_BayesianNet):
         *,
         prior_scale: float = 1.0,
         likelihood: str = "categorical",
-        noise_scale: float = 1.0,
+        noise_scale: float | None = None,
+        noise_precision_prior: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         sizes = (in_features, *hidden_dims, out_features)
+        prior = _check_noise_prior(likelihood, noise_scale, noise_precision_prior)
+        noise_scale = 1.0 if noise_scale is None else noise_scale
         _check("BayesianMLP", likelihood, noise_scale, sizes)
+        if likelihood == "normal" and out_features != 1:
+            raise ValueError(
+                f"BayesianMLP: the normal likelihood needs out_features=1, got {out_features}"
+            )
         self.likelihood, self.noise_scale = likelihood, float(noise_scale)
+        self.learned_noise = prior is not None
+        if prior is not None:
+            dtype = torch.get_default_dtype()
+            self.register_buffer("noise_concentration", torch.tensor(prior[0], dtype=dtype))
+            self.register_buffer("noise_rate", torch.tensor(prior[1], dtype=dtype))
         self.layers = PyroModule[nn.ModuleList](
             [
                 bayesian_layer(nn.Linear(n_in, n_out), prior_scale)
