@@ -107,9 +107,13 @@ def test_mnf_couplings_are_masked_coupling_layers_on_views_of_the_packed_paramet
     _, flows = layer.unpack()
     sizes = 0
     for which, num in (("flow_q", 2), ("flow_r", 3)):
-        # the same stack of flow layers, loaded with the views, is the same map
+        # the same stack of flow layers (unscaled readouts: MNF's functional map), loaded
+        # with the views, is the same map
         reference = Compose(
-            [MaskedCoupling(5, alternating_mask(5, k), (6, 3)) for k in range(num)]
+            [
+                MaskedCoupling(5, alternating_mask(5, k), (6, 3), readout_scale=1.0)
+                for k in range(num)
+            ]
         )
         state = {}
         for k, (mask, linears) in enumerate(flows[which]):

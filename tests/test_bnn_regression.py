@@ -228,9 +228,14 @@ def test_fit_epochs_visits_every_row_once_per_epoch():
     assert [e for e, _ in seen] == [0, 1, 2]
     assert result.epoch_elbo[0] == pytest.approx(result.elbo_trace[:3].mean())
     assert result.seconds_per_epoch == pytest.approx(result.wall_time / epochs)
-    # the model runs once per step (Trace_ELBO replays it once); rows: an epoch is a permutation
-    calls = model.calls
-    assert len(calls) == steps and {num for _, num in calls} == {n}
+    # the model runs once per step (Trace_ELBO replays it once) and once per epoch for fit's
+    # set-up (which sees the epoch's first batch); rows: an epoch is a permutation
+    setup = [3 * epoch + epoch for epoch in range(epochs)]
+    assert len(model.calls) == steps + epochs and {num for _, num in model.calls} == {n}
+    assert all(
+        torch.equal(model.calls[i][0], model.calls[i + 1][0]) for i in setup
+    )  # the set-up run takes the batch the first step takes
+    calls = [c for i, c in enumerate(model.calls) if i not in setup]
     for epoch in range(epochs):
         rows = torch.cat([c for c, _ in calls[3 * epoch : 3 * epoch + 3]])
         assert sorted(rows.tolist()) == list(range(n))
@@ -238,7 +243,7 @@ def test_fit_epochs_visits_every_row_once_per_epoch():
     # without shuffling the order is kept
     model.calls.clear()
     fit_epochs(model, guide, index, y, num_epochs=1, batch_size=batch, shuffle=False)
-    assert torch.equal(torch.cat([c for c, _ in model.calls]), index)
+    assert torch.equal(torch.cat([c for c, _ in model.calls[1:]]), index)  # [0]: set-up
 
 
 def test_fit_epochs_callback_stops_early_and_generator_reproduces():

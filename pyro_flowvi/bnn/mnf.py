@@ -157,7 +157,9 @@ class _MNFWeight(PyroModule):
         for which, num in zip(self._FLOWS, (num_transforms, num_r_transforms), strict=True):
             masks = []
             for k in range(num):
-                layer = MaskedCoupling(dim, alternating_mask(dim, k), hidden_dims).to(**like)
+                layer = MaskedCoupling(
+                    dim, alternating_mask(dim, k), hidden_dims, readout_scale=1.0
+                ).to(**like)
                 self.log_scale_bound = layer.log_scale_bound
                 masks.append(layer.mask)
                 params = [p.detach() for p in layer.net.parameters()]  # w1, b1, ..., w_out, b_out

@@ -153,13 +153,23 @@ def fit_epochs(
         else:
             order = torch.arange(num_data, device=device)
         first = len(steps)
-        for begin in range(0, num_data, batch_size):
-            rows = order[begin : begin + batch_size]
-            batch = tuple(t[rows] for t in data)
-            result = fit(
-                model, guide, *batch, num_steps=1, optim=optim, loss=loss, progress=False, **kwargs
-            )
-            steps.append(float(result.elbo_trace[0]))
+        # one fit per epoch over its mini-batches: fit's set-up (one run of the model and the
+        # guide) once per epoch, not once per step
+        epoch_batches = [
+            tuple(t[order[begin : begin + batch_size]] for t in data)
+            for begin in range(0, num_data, batch_size)
+        ]
+        result = fit(
+            model,
+            guide,
+            num_steps=len(epoch_batches),
+            batches=epoch_batches,
+            optim=optim,
+            loss=loss,
+            progress=False,
+            **kwargs,
+        )
+        steps.extend(float(v) for v in result.elbo_trace)
         epochs.append(float(np.mean(steps[first:])))
         if callback is not None and callback(epoch, epochs[-1]) is True:
             break
