@@ -8,19 +8,27 @@ The docstrings are reStructuredText with Google-style sections (napoleon); the p
 ``docs/*.md`` are Markdown (MyST). Nothing here reaches the network: no intersphinx, so names
 from torch, Pyro, NumPy, ArviZ, zuko and the standard library are rendered without links and
 listed in ``nitpick_ignore_regex``; every reference to a ``pyro_flowvi`` name must resolve.
+
+The benchmark toctree of ``index.md`` names ``bnn_[bu]*``: ``bnn_benchmark`` always, and the
+UCI page ``bnn_uci`` when it exists (a glob that matches nothing would be an error).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import sys
 from pathlib import Path
 
 from docutils import nodes
+from docutils.statemachine import StringList
 from sphinx.addnodes import pending_xref
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
+from sphinx.ext.napoleon.docstring import GoogleDocstring
 from sphinx.transforms.post_transforms import SphinxPostTransform
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
 
 DOCS = Path(__file__).resolve().parent
 sys.path[:0] = [str(DOCS.parent), str(DOCS)]
@@ -222,7 +230,28 @@ def _public_ancestors(base: type) -> list[type]:
     return ancestors
 
 
+class ExampleDocstring(SphinxDirective):
+    """``.. example-docstring:: examples/NAME.py``: the example's module docstring, less its
+    first paragraph (the page title), read from the file: the example is neither imported
+    nor run."""
+
+    required_arguments = 1
+
+    def run(self) -> list[nodes.Node]:
+        path = DOCS.parent / self.arguments[0]
+        self.env.note_dependency(str(path))
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        if not docstring:
+            raise self.error(f"example-docstring: {path} has no module docstring")
+        body = docstring.split("\n\n", 1)[1] if "\n\n" in docstring else ""
+        lines = GoogleDocstring(body, self.config, what="module").lines()
+        container = nodes.container()
+        nested_parse_with_titles(self.state, StringList(lines, source=str(path)), container)
+        return list(container.children)
+
+
 def setup(app: Sphinx) -> None:
+    app.add_directive("example-docstring", ExampleDocstring)
     app.connect("missing-reference", _resolve_public)
     app.connect("autodoc-process-bases", _public_bases)
     app.add_post_transform(_ReexportTargets)
