@@ -174,7 +174,7 @@ def plot_funnel_draws(rows: list[dict], path: Path, seed: int) -> None:
         x0, v = row["draws"]
         exact = ax.scatter(exact_x0, exact_v, s=2, color="0.75", alpha=0.6, linewidths=0)
         guide = ax.scatter(x0, v, s=2, color="C3", alpha=0.35, linewidths=0)
-        kl = -row["elbo"]
+        kl = -row["elbo"]  # the funnel's log Z is 0
         verdict = "  ELBO > log Z!" if row["impossible"] else ""
         ax.set_title(f"{row['guide']}\nKL {kl:.2f} ± {row['mcse']:.2f}{verdict}", fontsize=9)
         ax.grid(alpha=0.3)
