@@ -58,8 +58,6 @@ html_title = f"pyro-flowvi {release}"
 html_static_path: list[str] = []
 templates_path: list[str] = []
 
-# "--num-steps" in prose stays two hyphens (no en dash); quotes and ellipses still typeset
-smartquotes_action = "qe"
 nitpicky = True
 add_module_names = False
 autosummary_generate = False

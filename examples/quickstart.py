@@ -27,8 +27,10 @@ References:
     Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
     arXiv:1803.05649)
 
-Usage: python examples/quickstart.py [--num-steps 1500] [--num-particles 8] [--seed 0]
-    [--outdir demo_output]
+Usage::
+
+    python examples/quickstart.py [--num-steps 1500] [--num-particles 8] [--seed 0]
+        [--outdir demo_output]
 """
 
 from __future__ import annotations
