@@ -1,4 +1,4 @@
-"""Quickstart: swap AutoNormal for a flow guide, and see what Pyro's own flow guides get wrong.
+r"""Quickstart: swap AutoNormal for a flow guide, and see what Pyro's own flow guides get wrong.
 
 Two targets, every guide with the same optimizer, number of steps, particles (8 by default:
 a one-particle ELBO gradient is too noisy for a flow to shape itself in a few thousand steps)
@@ -15,7 +15,10 @@ and seed:
 
 For each guide the table gives the ELBO (or the KL where log Z is known), the
 importance-weighted ELBO, the PSIS k-hat with its verdict (Yao et al., 2018,
-arXiv:1802.02538) and the time per step.
+arXiv:1802.02538) and the time per step. Two figures go to ``--outdir`` (default
+``demo_output/``) with the table as CSV: ``funnel_draws.png``, each guide's draws of
+:math:`(x_0, v)` over exact draws of the funnel (the neck, :math:`v \ll 0`, is where guides
+fail), and ``elbo_traces.png``, the ELBO of every guide at every step.
 
 References:
     Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015, arXiv:1505.05770)
@@ -24,18 +27,24 @@ References:
     Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
     arXiv:1803.05649)
 
-Usage: python examples/quickstart.py [--num-steps 1500] [--num-particles 8] [--seed 0]
-    [--outdir out]
+Usage::
+
+    python examples/quickstart.py [--num-steps 1500] [--num-particles 8] [--seed 0]
+        [--outdir demo_output]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from pyro.distributions.transforms import iterated, planar, sylvester
@@ -96,6 +105,10 @@ def evaluate(target: Target, args: argparse.Namespace) -> list[dict]:
         )
         report = vi_diagnostics(idata, warn=False)
         impossible = target.log_z is not None and report.elbo > target.log_z + 4 * report.elbo_mcse
+        funnel_draws = None
+        if target.name == "funnel":  # its (x_0, v), for the figure
+            v, x = (np.asarray(idata.posterior[name]) for name in ("v", "x"))
+            funnel_draws = (x[..., 0].reshape(-1), v.reshape(-1))
         rows.append(
             {
                 "target": target.name,
@@ -107,6 +120,8 @@ def evaluate(target: Target, args: argparse.Namespace) -> list[dict]:
                 "verdict": report.verdict,
                 "ms_per_step": 1000 * result.wall_time / max(result.num_steps, 1),
                 "impossible": impossible,
+                "elbo_trace": np.asarray(result.elbo_trace),
+                "draws": funnel_draws,
             }
         )
     return rows
@@ -128,6 +143,118 @@ def print_table(target: Target, rows: list[dict]) -> None:
         )
 
 
+def exact_funnel_draws(num_draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact draws of the funnel's ``(x_0, v)``: ``v ~ N(0, 3^2)``, ``x_0 | v ~ N(0, e^v)``."""
+    gen = torch.Generator().manual_seed(seed)
+    v = 3.0 * torch.randn(num_draws, generator=gen, dtype=torch.float64)
+    x0 = torch.exp(v / 2) * torch.randn(num_draws, generator=gen, dtype=torch.float64)
+    return x0.numpy(), v.numpy()
+
+
+def plot_funnel_draws(rows: list[dict], path: Path, seed: int) -> None:
+    """A panel per guide: its draws of ``(x_0, v)`` on top of exact draws, same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [row for row in rows if row["draws"] is not None]
+    num_draws = max(row["draws"][0].size for row in rows)
+    exact_x0, exact_v = exact_funnel_draws(num_draws, seed + 1)
+    # x_0 over the central 95% of the exact draws (the mouth, v >> 0, spreads far wider): the
+    # neck, v << 0 with x_0 near 0, stays visible; v over its 0.5%-99.5% quantiles
+    xlim = np.quantile(np.abs(exact_x0), 0.95) * np.array([-1.0, 1.0])
+    ylim = np.quantile(exact_v, [0.005, 0.995]) + np.array([-0.5, 0.5])
+    cols = 4
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.2 * cols, 3.0 * nrows + 0.6), sharex=True, sharey=True,
+        layout="constrained", squeeze=False,
+    )  # fmt: skip
+    for ax, row in zip(axes.flat, rows, strict=False):
+        x0, v = row["draws"]
+        exact = ax.scatter(exact_x0, exact_v, s=2, color="0.75", alpha=0.6, linewidths=0)
+        guide = ax.scatter(x0, v, s=2, color="C3", alpha=0.35, linewidths=0)
+        kl = -row["elbo"]  # the funnel's log Z is 0
+        verdict = "  ELBO > log Z!" if row["impossible"] else ""
+        ax.set_title(f"{row['guide']}\nKL {kl:.2f} ± {row['mcse']:.2f}{verdict}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(rows) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("v (log-variance of x)")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("x$_0$")
+    axes[0, 0].set_xlim(*xlim)
+    # no tick at the edges, where neighbouring panels' labels would run into each other
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True, prune="both"))
+    axes[0, 0].set_ylim(*ylim)
+    fig.suptitle(
+        f"{rows[0]['target']}, {len(rows[0]['elbo_trace'])} steps: each guide's draws over exact "
+        "draws. The neck (v < -3) is where guides fail.",
+        fontsize=10,
+    )
+    fig.legend(
+        [exact, guide], ["exact draws", "guide draws"], loc="outside lower center", ncols=2,
+        markerscale=5, fontsize=9,
+    )  # fmt: skip
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_elbo_traces(targets: list[Target], rows: list[dict], path: Path) -> None:
+    """A panel per target: every guide's ELBO per step and its running median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_flowvi.diagnostics import plot_elbo
+
+    fig, axes = plt.subplots(
+        1, len(targets), figsize=(6.0 * len(targets), 4.6), layout="constrained", squeeze=False
+    )
+    for ax, target in zip(axes.flat, targets, strict=True):
+        traces = {row["guide"]: row["elbo_trace"] for row in rows if row["target"] == target.name}
+        plot_elbo(traces, ax=ax)
+        # the legend below the panel, not over the traces
+        legend = ax.get_legend()
+        handles, labels = legend.legend_handles, [text.get_text() for text in legend.texts]
+        legend.remove()
+        if target.log_z is not None:
+            # show log Z when it is near the settled ELBOs (not when a short run is far off)
+            lo, hi = ax.get_ylim()
+            if hi < target.log_z < hi + (hi - lo):
+                ax.set_ylim(lo, target.log_z + 0.05 * (target.log_z - lo))
+            handles.append(ax.axhline(target.log_z, color="black", linestyle="--", linewidth=1))
+            labels.append(f"log Z = {target.log_z:g}: no correct guide's ELBO is above it")
+        ax.legend(
+            handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, fontsize=8
+        )
+        ax.set_title(f"{target.name} ({target.dim}-D)", fontsize=10)
+    fig.suptitle("ELBO per step (faint) and its running median", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _DropPlateGuess(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Guessed max_plate_nesting")
+
+
+@contextlib.contextmanager
+def quiet_plate_guess() -> Iterator[None]:
+    """Drop Pyro's ``Guessed max_plate_nesting`` INFO lines while the demo runs, only."""
+    logger = logging.getLogger("pyro.infer.elbo")
+    dropper = _DropPlateGuess()
+    logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)
     targets = [funnel(args.dim), logistic_regression(2 * args.dim + 1)]
@@ -136,22 +263,26 @@ def main(args: argparse.Namespace) -> list[dict]:
         f"guide, seed {args.seed}."
     )
     rows = []
-    for target in targets:
-        target_rows = evaluate(target, args)
-        print_table(target, target_rows)
-        rows += target_rows
+    with quiet_plate_guess():
+        for target in targets:
+            target_rows = evaluate(target, args)
+            print_table(target, target_rows)
+            rows += target_rows
     threshold = min(1 - 1 / math.log10(args.num_draws), 0.7)
     print(f"\nk-hat threshold for {args.num_draws} draws: {threshold:.2f} (lower is better).")
-    if args.outdir:
-        outdir = Path(args.outdir)
-        outdir.mkdir(parents=True, exist_ok=True)
-        lines = ["target,guide,elbo,mcse,iw_elbo,khat,verdict,ms_per_step"]
-        lines += [
-            f"{r['target']},{r['guide']},{r['elbo']:.4f},{r['mcse']:.4f},{r['iw_elbo']:.4f},"
-            f"{r['khat']:.3f},{r['verdict']},{r['ms_per_step']:.2f}"
-            for r in rows
-        ]
-        (outdir / "quickstart.csv").write_text("\n".join(lines) + "\n")
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    lines = ["target,guide,elbo,mcse,iw_elbo,khat,verdict,ms_per_step"]
+    lines += [
+        f"{r['target']},{r['guide']},{r['elbo']:.4f},{r['mcse']:.4f},{r['iw_elbo']:.4f},"
+        f"{r['khat']:.3f},{r['verdict']},{r['ms_per_step']:.2f}"
+        for r in rows
+    ]
+    written = [outdir / "quickstart.csv", outdir / "funnel_draws.png", outdir / "elbo_traces.png"]
+    written[0].write_text("\n".join(lines) + "\n")
+    plot_funnel_draws(rows, written[1], args.seed)
+    plot_elbo_traces(targets, rows, written[2])
+    print("\nWritten: " + ", ".join(str(path) for path in written))
     return rows
 
 
@@ -162,7 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-particles", type=int, default=8)
     parser.add_argument("--dim", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--outdir", type=str, default=None)
+    parser.add_argument(
+        "--outdir", type=str, default="demo_output", help="where the figures and CSV go"
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     return parser.parse_args(argv)
 

@@ -546,7 +546,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
 
         Arguments:
             trace: this guide's trace of the current step.
-            *args, **kwargs: the model's arguments.
+            *args: the model's positional arguments.
+            **kwargs: the model's keyword arguments.
 
         Returns:
             A dict from the auxiliary latent site's name to the log-density of each recorded

@@ -12,7 +12,9 @@ Subcommands:
 - ``pyro-flowvi info``: versions of the package and its dependencies, for bug reports.
 
 Example:
-    $ pyro-flowvi fit eight_schools_centered --guide iaf --num-steps 3000 --checkpoint fit.pt
+    .. code-block:: console
+
+        $ pyro-flowvi fit eight_schools_centered --guide iaf --num-steps 3000 --checkpoint fit.pt
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ r"""A base distribution pushed through a stack of flow layers.
     \log q(z) = \log p_0(x) - \log |\det \partial f / \partial x|
 
 The sample and its log-density come from the **same** forward pass
-(:meth:`FlowDistribution.rsample_and_log_prob`); nothing is cached. :meth:`log_prob` of an
-arbitrary point runs the stack's inverse, which exists for every invertible layer.
+(:meth:`FlowDistribution.rsample_and_log_prob`); nothing is cached.
+:meth:`FlowDistribution.log_prob` of an arbitrary point runs the stack's inverse, which exists
+for every invertible layer.
 """
 
 from __future__ import annotations

@@ -295,3 +295,23 @@ def test_plot_elbo_scales_to_the_settled_runs_not_the_worst():
         assert labels[2].startswith("diverged") and "below" in labels[2]
     finally:
         plt.close("all")
+
+
+def test_plot_elbo_does_not_hide_most_runs_below_one_run_far_above():
+    # the quickstart's funnel: seven guides settle near -2; Pyro's Sylvester guide reports an
+    # impossible ELBO near +14 (above log Z = 0). The axis must show the seven, not only it.
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(7)
+    runs = {f"guide {i}": -2.0 + 0.1 * i + rng.normal(0, 0.5, 1500) for i in range(7)}
+    runs["impossible"] = 14.0 + rng.normal(0, 1.0, 1500)
+    try:
+        fig = plot_elbo(runs)
+        lo, hi = fig.axes[0].get_ylim()
+        assert lo < -2.0 and hi > 14.0
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert labels == list(runs)
+    finally:
+        plt.close("all")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from conftest import load_example
@@ -17,3 +18,19 @@ def test_quickstart_runs(tmp_path):
     ours = [row for row in rows if "pyro" not in row["guide"]]
     assert not any(row["impossible"] for row in ours)
     assert (tmp_path / "quickstart.csv").read_text().count("\n") == len(rows) + 1
+    for figure in ("funnel_draws.png", "elbo_traces.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+
+
+def test_quickstart_quiets_only_the_plate_guess(caplog):
+    module = load_example("quickstart")
+    logger = logging.getLogger("pyro.infer.elbo")
+    with caplog.at_level(logging.INFO, logger="pyro"):
+        with module.quiet_plate_guess():
+            logger.info("Guessed max_plate_nesting = 1")
+            logger.info("another message")
+        logger.info("Guessed max_plate_nesting = 2")
+    assert [r.getMessage() for r in caplog.records] == [
+        "another message",
+        "Guessed max_plate_nesting = 2",
+    ]

@@ -108,6 +108,8 @@ def logistic_regression(dim: int = 21, num_data: int = 200, seed: int = 0) -> Ta
     return Target("logistic_regression", model, (x, y), None, dim)
 
 
+#: Every target by name, as a function of its size arguments (with defaults) that returns
+#: a :class:`Target`.
 TARGETS: dict[str, Callable[[], Target]] = {
     "funnel": funnel,
     "banana": banana,

@@ -42,6 +42,7 @@ from torch.distributions import biject_to
 from .local_reparam import _WeightProbe, local_reparameterization
 from .weight import GaussianWeight
 
+#: An ``init_loc_fn``: takes Pyro's site dict, returns the initial value of the site.
 InitFn = Callable[[dict[str, Any]], Tensor]
 
 

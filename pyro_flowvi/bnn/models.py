@@ -35,6 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 _LIKELIHOODS = ("categorical", "normal")
+#: Name of the sample site of the observation-noise precision of a ``"normal"`` likelihood.
 NOISE_SITE = "noise_precision"
 
 

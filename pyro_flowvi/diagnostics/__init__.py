@@ -1,6 +1,6 @@
 """ELBO and posterior diagnostics for any Pyro guide, read through ArviZ.
 
-ArviZ is imported lazily, only by :mod:`pyro_flowvi.diagnostics._arviz` (which supports both
+ArviZ is imported lazily, only by ``pyro_flowvi.diagnostics._arviz`` (which supports both
 ArviZ 0.x and 1.x); importing this package does not import ArviZ, pandas or matplotlib.
 """
 

@@ -83,7 +83,9 @@ def _elbo_limits(
     The limits span the running medians of the settled halves, widened by twice the largest
     interquartile range of the steps (their noise). A run is left below the axis when its
     settled median lies further below the runs above it than ten times their spread (at
-    least a tenth of the best median's magnitude).
+    least a tenth of the best median's magnitude), unless that would leave most runs below:
+    then the best run is the odd one (an ELBO above the others that may be impossible, from a
+    wrong log-density) and the limits span every run.
     """
     finite = {k: v[np.isfinite(v)] for k, v in settled.items()}
     finite = {k: v for k, v in finite.items() if v.size}
@@ -102,6 +104,8 @@ def _elbo_limits(
         if medians[kept[-1]] - medians[name] > 10.0 * spread:
             break
         kept.append(name)
+    if 2 * len(kept) < len(order):
+        kept = order
     below = [k for k in order if k not in kept]
     smooth = [smoothed[k][np.isfinite(smoothed[k])] for k in kept]
     lo = min(float(np.min(x)) for x in smooth if x.size)
@@ -127,7 +131,8 @@ def plot_elbo(
     running median, widened by twice the interquartile range of its steps), so the early
     ELBO, rare spikes and a run that diverged do not set the scale. A run whose settled ELBO
     lies far below the others (further than ten times their spread) is left below the axis,
-    and its final running median is written in the legend.
+    and its final running median is written in the legend; never most of the runs, which a
+    single run far above them (an impossible ELBO) would otherwise push below.
 
     Arguments:
         results: a :class:`~pyro_flowvi.FitResult`, an ArviZ object with a ``vi_fit`` group,

@@ -60,7 +60,7 @@ class VIDiagnosticWarning(UserWarning):
     """The PSIS k-hat says the variational approximation (or a LOO estimate) is unreliable."""
 
 
-#: The fewest draws whose k-hat means anything: PSIS fits the Pareto tail to
+#: The fewest draws whose k-hat means anything. PSIS fits the Pareto tail to
 #: ``min(S/5, 3 sqrt(S))`` ratios, fewer than 5 below 25 draws (ArviZ then returns inf).
 MIN_KHAT_DRAWS = 25
 

@@ -45,7 +45,7 @@ import numpy as np
 from . import _arviz
 from .report import VIDiagnosticWarning, khat_threshold
 
-#: Default number of proposals per resampled draw: without replacement, 10 leave about 2% of
+#: Default number of proposals per resampled draw. Without replacement, 10 leave about 2% of
 #: a guide's mean error in the draws, Pathfinder's 4 about 8% (module docstring).
 PROPOSALS_PER_DRAW = 10
 

@@ -75,9 +75,13 @@ class Flow(nn.Module):
         self.context_dim = context_dim
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, ladj)``: the output and ``log|det dy/dx|``, of shapes ``(..., D)`` and
+        ``(...)``, from one pass; ``context`` for conditional layers only."""
         raise NotImplementedError
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, ladj)``: the preimage of ``y`` and ``log|det dx/dy|`` (minus the forward
+        log-determinant at ``x``); raises where the layer has no inverse."""
         raise NotImplementedError(
             f"{type(self).__name__} has no inverse, so the density of an arbitrary point is "
             "unavailable; score the samples it produced with rsample_and_log_prob instead"

@@ -6,9 +6,10 @@ r"""Gated inverse autoregressive flow (Kingma et al., 2016).
     y = \sigma \odot x + (1 - \sigma) \odot m, \qquad
     \log|\det J| = \sum_i \log \sigma_i
 
-where :math:`m_i, s_i` depend on :math:`x_1, \ldots, x_{i-1}` only (a :class:`MADE` with the
-identity ordering), so the Jacobian is lower-triangular with diagonal :math:`\sigma`. The layer
-is an :class:`Autoregressive` layer with the gated affine transformer. The gate bias :math:`c`
+where :math:`m_i, s_i` depend on :math:`x_1, \ldots, x_{i-1}` only (a
+:class:`~pyro_flowvi.flows.made.MADE` with the identity ordering), so the Jacobian is
+lower-triangular with diagonal :math:`\sigma`. The layer is an :class:`Autoregressive` layer
+with the gated affine transformer. The gate bias :math:`c`
 (default 2) keeps :math:`\sigma` near 1 at the start; the log-scale is never clamped, so a
 diverging fit shows up in the loss rather than being hidden. The inverse is exact and takes D
 sequential steps: step :math:`k` fixes :math:`x_k` from the correct :math:`x_{<k}` (one MADE

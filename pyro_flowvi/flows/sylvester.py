@@ -109,9 +109,9 @@ def solve_preactivation(w: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor) -> Ten
        :math:`|\tanh| \le 1`). A point has converged when every component of its full
        Newton step is below ``eps ** 0.75`` (relative, ``eps`` of the dtype): near the simple
        root the step is the error, and the next iterate's error its square.
-    2. The points that have not converged after :data:`NEWTON_STEPS` steps (or whose step is
+    2. The points that have not converged after ``NEWTON_STEPS`` steps (or whose step is
        not finite, or whose Jacobian has a diagonal entry that rounded to zero) are solved
-       again by back-substitution (:func:`_back_substitute`), M scalar bracketed solves that
+       again by back-substitution (``_back_substitute``), M scalar bracketed solves that
        converge whatever the parameters. The result is therefore the
        root in every case; Newton only makes the usual case fast.
     3. One more Newton step with autograd on and the Jacobian detached, for its gradient

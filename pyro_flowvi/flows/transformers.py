@@ -60,12 +60,15 @@ class Transformer(nn.Module):
     parameters give the start. No learnable state: the parameters come from the conditioner.
     """
 
+    #: Parameters per coordinate, so ``params`` has shape ``(..., num_params, D)``.
     num_params: int = 0
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, log_dy_dx)``, elementwise, both of the shape ``(..., D)`` of ``x``."""
         raise NotImplementedError
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log_dx_dy)``, elementwise, both of the shape ``(..., D)`` of ``y``."""
         raise NotImplementedError
 
     def inverse_at(self, y: Tensor, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,7 @@ from ..flows.zuko import as_flow
 from .initialization import initial_gaussian, model_log_density
 from .transform import FlowTransform
 
+#: A flow layer (or stack), or a callable that builds one from the latent dimension ``D``.
 FlowSpec = Flow | Callable[[int], Flow]
 
 
@@ -133,7 +134,8 @@ class AutoFlowGuide(AutoContinuous):
             dimension) or when the model subsamples a plate (a noisy log joint). With Pyro's
             ``init_to_value`` giving a latent site's value, the start stays centred there
             (``"full"`` and ``"auto"`` take the curvature at that point, no mode search).
-            :attr:`init_choice` records which was used; it is saved in :meth:`state_dict`.
+            :attr:`init_choice` records which was used; it is saved in
+            :meth:`~torch.nn.Module.state_dict`.
         base: the distribution of :math:`\epsilon`. ``"normal"`` (default): :math:`\mathcal
             N(0, I)`. ``"studentt"``: independent Student-t coordinates with learned degrees
             of freedom :math:`\nu_i > 1` (:attr:`base_df`, starting at 10), a tail-adaptive
@@ -154,6 +156,12 @@ class AutoFlowGuide(AutoContinuous):
             guide, and this one does not). Works with every Pyro ELBO and with vectorized
             particles; costs one pass through the inverse of the flow per step. See
             docs/training.md.
+
+    Attributes:
+        init_choice: ``"diag"`` or ``"full"``, the start the flow was built from (``None``
+            until the guide first runs).
+        base_df: with ``base="studentt"``, the learned degrees of freedom of the base, shape
+            ``(D,)``.
 
     Example:
         >>> guide = AutoFlowGuide(model, flows=[IAF, Reverse], num_transforms=3)
@@ -369,7 +377,8 @@ class AutoFlowGuide(AutoContinuous):
     # the saved state and the data the guide was built for
 
     def get_extra_state(self) -> dict[str, object]:
-        """The non-tensor part of :meth:`state_dict`: the start the flow was built from."""
+        """The non-tensor part of :meth:`~torch.nn.Module.state_dict`: the start the flow was
+        built from."""
         return {"init_choice": self.init_choice}
 
     def set_extra_state(self, state: dict[str, object]) -> None:
