@@ -267,6 +267,12 @@ GUIDES: dict[str, GuideSpec] = {
         True,
     ),
     "iaf": GuideSpec(_ours(AutoIAFGuide), "pyro_iaf", "AutoIAFGuide (3 gated IAF, [2D,2D])", True),
+    "iaf_affine": GuideSpec(
+        _ours(AutoIAFGuide, update="affine"),
+        "pyro_iaf",
+        "AutoIAFGuide(update='affine') (3 affine IAF, [2D,2D]; not in the default run)",
+        True,
+    ),
     "spline": GuideSpec(
         _ours(AutoNeuralSplineGuide),
         "pyro_nsf",
@@ -348,7 +354,7 @@ GUIDES: dict[str, GuideSpec] = {
     ),
 }
 # Run only when named with --guides.
-OPTIONAL = ["iaf_t", "pyro_nsf_default"]
+OPTIONAL = ["iaf_t", "iaf_affine", "pyro_nsf_default"]
 OURS = [name for name, spec in GUIDES.items() if spec.ours]
 # The peers the quality comparison is made against (the equal-capacity Pyro stacks of the other
 # families are there for the time ratios).

@@ -43,8 +43,11 @@ from pyro_flowvi.fit import fit
 from pyro_flowvi.guides import (
     AutoHouseholderGuide,
     AutoIAFGuide,
+    AutoNAFGuide,
+    AutoNeuralSplineGuide,
     AutoPlanarGuide,
     AutoRadialGuide,
+    AutoRealNVPGuide,
     AutoSylvesterGuide,
 )
 
@@ -86,6 +89,12 @@ GUIDES = {
         lambda m, init, **kw: AutoHouseholderGuide(m, init_loc_fn=init, **kw),
         True,
     ),
+    "AutoNeuralSplineGuide": (
+        lambda m, init, **kw: AutoNeuralSplineGuide(m, init_loc_fn=init, **kw),
+        True,
+    ),
+    "AutoRealNVPGuide": (lambda m, init, **kw: AutoRealNVPGuide(m, init_loc_fn=init, **kw), True),
+    "AutoNAFGuide": (lambda m, init, **kw: AutoNAFGuide(m, init_loc_fn=init, **kw), True),
 }
 # Each flow guide again with a Student-t base (learned degrees of freedom, base="studentt").
 for _name, (_factory, _ours) in list(GUIDES.items()):

@@ -37,12 +37,13 @@ __all__ = [
     "fit",
 ]
 
+import contextlib
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,35 @@ def _loss(loss: Any, num_particles: int | None) -> Any:
     return Trace_ELBO(particles, vectorize_particles=particles > 1)
 
 
+def _default_loss(guide: Any) -> str:
+    """The loss name for ``loss=None``: a flow guide's ``default_loss``, else ``"elbo"``."""
+    from .guides.base import AutoFlowGuide
+
+    if isinstance(guide, AutoFlowGuide):
+        return guide.default_loss
+    return "elbo"
+
+
+@contextlib.contextmanager
+def _sticking(guide: Any, stl: bool) -> Iterator[None]:
+    """With ``loss="stl"`` and a flow guide whose layers all invert, turn on the guide's
+    ``stick_the_landing`` for the fit (one pass through the inverse at the known preimage, no
+    separate scoring pass: :class:`~pyro_flowvi.estimators.TraceSTL_ELBO` skips its own when a
+    guide declares the option); the guide's own setting is back afterwards."""
+    from .guides.base import AutoFlowGuide
+
+    flow = getattr(guide, "flow", None)
+    if not (stl and isinstance(guide, AutoFlowGuide) and flow is not None and flow.has_inverse):
+        yield
+        return
+    before = guide.stick_the_landing
+    guide.stick_the_landing = True
+    try:
+        yield
+    finally:
+        guide.stick_the_landing = before
+
+
 # gradients on whatever the caller's grad mode: a step needs them, and a guide's start may
 @torch.enable_grad()
 def fit(
@@ -406,12 +436,18 @@ def fit(
             fit keeps jittering by about ``lr`` around the optimum (and, from an exact start,
             drifts away from it); the decay removes that without tuning per model (see
             docs/training.md).
-        loss: the objective: ``"elbo"`` (default, :class:`pyro.infer.Trace_ELBO`), ``"stl"``
+        loss: the objective: ``"elbo"`` (:class:`pyro.infer.Trace_ELBO`), ``"stl"``
             (:class:`~pyro_flowvi.estimators.TraceSTL_ELBO`, the ELBO with the "sticking the
-            landing" gradient), ``"iw"`` (:class:`~pyro_flowvi.estimators.TraceIW_ELBO`, the
-            ``num_particles``-sample importance-weighted bound with DReG gradients), each with
-            ``num_particles`` vectorized particles; or an ELBO object, or a callable
-            ``loss(model, guide, *args, **kwargs)`` returning a differentiable tensor.
+            landing" gradient; a flow guide's own ``stick_the_landing`` is switched on for the
+            fit, which is cheaper), ``"iw"`` (:class:`~pyro_flowvi.estimators.TraceIW_ELBO`,
+            the ``num_particles``-sample importance-weighted bound with DReG gradients), each
+            with ``num_particles`` vectorized particles; or an ELBO object, or a callable
+            ``loss(model, guide, *args, **kwargs)`` returning a differentiable tensor. Default:
+            a pyro-flowvi flow guide's
+            :attr:`~pyro_flowvi.guides.AutoFlowGuide.default_loss` (``"stl"`` for planar,
+            radial, Householder, Sylvester, RealNVP and spline-coupling stacks, ``"elbo"`` for
+            autoregressive ones), ``"elbo"`` for every other guide. ``FitResult.loss`` holds
+            the ELBO object used.
         lr: initial learning rate of the default optimizer (default ``1e-2``); only without
             ``optim``.
         final_lr: learning rate of the default optimizer at the last step (default ``lr /
@@ -528,7 +564,8 @@ def fit(
     first_args, first_kwargs = (
         (args, kwargs) if stream is None else split_batch(stream.peek(), args, kwargs)
     )
-    loss = _loss(loss, num_particles)
+    requested = loss
+    loss = _loss("elbo" if loss is None else loss, num_particles)  # checks the words now
     check_call(model, guide, first_args, first_kwargs)
     schedule = None
     if optim is None:
@@ -550,6 +587,9 @@ def fit(
         saved = sync.read_checkpoint(path)
 
     names = build_params(model, guide, first_args, first_kwargs)
+    if requested is None:
+        requested = _default_loss(guide)
+        loss = _loss(requested, num_particles)
     if sync is not None:
         sync.start_together(_params(names), _buffers(model, guide), "fit")
     known = set(names)
@@ -596,6 +636,7 @@ def fit(
         ) as bar,
         warnings.catch_warnings(),
         sigint.held(sync is not None),
+        _sticking(guide, requested == "stl"),
     ):
         # Pyro's "Encountered NaN: loss" would only precede the NonFiniteLossError below
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
