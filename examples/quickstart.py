@@ -26,6 +26,8 @@ References:
     arXiv:1606.04934)
     Sylvester Normalizing Flows for Variational Inference (van den Berg et al., 2018,
     arXiv:1803.05649)
+    Neural Spline Flows (Durkan et al., 2019, arXiv:1906.04032)
+    Neural Autoregressive Flows (Huang et al., 2018, arXiv:1804.00779)
 
 Usage::
 
@@ -54,6 +56,8 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from pyro_flowvi import (
     AutoHouseholderGuide,
     AutoIAFGuide,
+    AutoNAFGuide,
+    AutoNeuralSplineGuide,
     AutoPlanarGuide,
     AutoSylvesterGuide,
     fit,
@@ -79,6 +83,8 @@ GUIDES = {
     "AutoHouseholderGuide": AutoHouseholderGuide,
     "AutoSylvesterGuide": functools.partial(AutoSylvesterGuide, variant="householder"),
     "AutoIAFGuide": AutoIAFGuide,
+    "AutoNeuralSplineGuide": AutoNeuralSplineGuide,
+    "AutoNAFGuide": AutoNAFGuide,
 }
 
 
@@ -166,7 +172,7 @@ def plot_funnel_draws(rows: list[dict], path: Path, seed: int) -> None:
     # neck, v << 0 with x_0 near 0, stays visible; v over its 0.5%-99.5% quantiles
     xlim = np.quantile(np.abs(exact_x0), 0.95) * np.array([-1.0, 1.0])
     ylim = np.quantile(exact_v, [0.005, 0.995]) + np.array([-0.5, 0.5])
-    cols = 4
+    cols = 4 if len(rows) <= 8 else 5
     nrows = math.ceil(len(rows) / cols)
     fig, axes = plt.subplots(
         nrows, cols, figsize=(3.2 * cols, 3.0 * nrows + 0.6), sharex=True, sharey=True,
