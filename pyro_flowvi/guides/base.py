@@ -92,6 +92,36 @@ _INIT_DF = 10.0
 _MIN_DF = 1.0
 
 
+def _initial_gain(layers: Sequence[Flow], dim: int) -> Tensor:
+    r"""The per-coordinate gain :math:`c` of a fresh stack when it is the map
+    :math:`f(\epsilon) = c \odot \epsilon` (IAF's gated layers start as
+    :math:`\mathrm{sigmoid}(2)\, \epsilon`; most other layers as the identity, :math:`c = 1`),
+    else ones. Probed at a few fixed points with a private generator and no gradients, so the
+    guide's start does not depend on the global random state or the grad mode."""
+    dtype = torch.get_default_dtype()
+    for layer in layers:
+        for tensor in layer.parameters():
+            dtype = tensor.dtype
+            break
+    ones = torch.ones(dim, dtype=dtype)
+    if not layers:
+        return ones
+    generator = torch.Generator().manual_seed(0)
+    eps = torch.randn(8, dim, generator=generator, dtype=dtype) + 0.5
+    with torch.no_grad():
+        stack = Compose(list(layers))
+        y, ladj = stack(eps)
+        zero, _ = stack(torch.zeros(1, dim, dtype=dtype))
+    gain = (y / eps).mean(0)
+    tol = 1e-5 if dtype == torch.float64 else 1e-3
+    elementwise = torch.allclose(y, gain * eps, rtol=tol, atol=tol) and torch.allclose(
+        zero, torch.zeros_like(zero), atol=tol
+    )
+    if not elementwise or not bool(torch.all(gain > 0)):
+        return ones
+    return gain
+
+
 class AutoFlowGuide(AutoContinuous):
     r"""A normalizing-flow guide over all continuous latents, with a learnable Gaussian base.
 
@@ -327,13 +357,16 @@ class AutoFlowGuide(AutoContinuous):
         )
         self.init_choice, loc, scale = start.kind, start.loc, start.scale
         self._validated_shapes = {_shape_key(args, kwargs)}
+        # a fresh stack that scales each coordinate (IAF's gated update: sigmoid(2)^K) would
+        # move the start away from the Gaussian chosen above; the affine layer undoes that
+        gain = _initial_gain(layers, self.latent_dim)
         if self.init_choice == "full":
             # Learned layers work in the coordinates whitened by the Laplace covariance at the
-            # mode: z = mode + L (mu + sigma * f(eps)), mu = 0 and sigma = 1 at first.
-            layers.append(ElementwiseAffine(self.latent_dim))
+            # mode: z = mode + L (mu + sigma * f(eps)), mu = 0 and sigma = 1 / gain at first.
+            layers.append(ElementwiseAffine(self.latent_dim, scale=1 / gain))
             layers.append(TriangularAffine(loc, scale))
         else:
-            layers.append(ElementwiseAffine(self.latent_dim, loc=loc, scale=scale))
+            layers.append(ElementwiseAffine(self.latent_dim, loc=loc, scale=scale / gain))
         self.flow = Compose(layers).to(dtype=init_loc.dtype, device=init_loc.device)
         if self.stick_the_landing and not self.flow.has_inverse:
             missing = sorted({type(layer).__name__ for layer in layers if not layer.has_inverse})
