@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +31,19 @@ def _float64_seeded_clean():
     yield
     pyro.clear_param_store()
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    # A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
+    # ignored, and fit rightly leaves an ignored SIGINT ignored; the Ctrl-C tests need Python's
+    # own handler whatever the suite was started from (subprocesses then start with SIG_DFL).
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_example(name: str) -> ModuleType:
