@@ -1,9 +1,10 @@
 r"""Mini-batch epochs: the training loop of the BNN benchmarks, as one call.
 
 :func:`fit_epochs` shuffles the data once per epoch, cuts it into mini-batches of
-``batch_size`` rows (the last one may be smaller) and takes one step of
-:func:`pyro_flowvi.fit` per mini-batch, passing the training-set size to the model as
-``num_data`` so that a subsampled ``pyro.plate`` scales the likelihood by :math:`N / B`:
+``batch_size`` rows (the last one may be smaller) and runs :func:`pyro_flowvi.fit` over
+them (``batches=``, one step per mini-batch, one call per epoch), passing the training-set
+size to the model as ``num_data`` so that a subsampled ``pyro.plate`` scales the likelihood
+by :math:`N / B`:
 
 .. math::
 
