@@ -33,11 +33,12 @@ def _float64_seeded_clean():
     torch.set_default_dtype(dtype)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _sigint_raises():
     # A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
     # ignored, and fit rightly leaves an ignored SIGINT ignored; the Ctrl-C tests need Python's
-    # own handler whatever the suite was started from (subprocesses then start with SIG_DFL).
+    # own handler whatever the suite was started from. Session scope: set before any module
+    # fixture spawns worker processes (which inherit an ignored SIGINT, not a handler).
     ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
