@@ -120,3 +120,19 @@ def test_a_custom_stack_without_inverse_falls_back_to_the_elbo():
     result = fit(regression_model, guide, x, y, num_steps=2, progress=False)
     assert type(result.loss) is Trace_ELBO
     assert torch.isfinite(torch.as_tensor(result.elbo_trace)).all()
+
+
+@pytest.mark.parametrize("name", ["planar", "sylvester-orthogonal", "realnvp"])
+def test_default_stl_training_moves_every_parameter_with_vectorized_particles(name):
+    # Away from the optimum the STL default still trains every parameter, with particles,
+    # for a guide first built under torch.no_grad() (as median() or Predictive build it).
+    x, y = _regression_data()
+    guide = STL_BY_DEFAULT[name](regression_model)
+    with torch.no_grad():
+        guide(x, y)
+    before = {key: p.detach().clone() for key, p in guide.named_parameters()}
+    result = fit(regression_model, guide, x, y, num_steps=5, num_particles=4, progress=False)
+    assert isinstance(result.loss, TraceSTL_ELBO) and result.loss.num_particles == 4
+    assert torch.isfinite(torch.as_tensor(result.elbo_trace)).all()
+    unchanged = [key for key, p in guide.named_parameters() if torch.equal(p, before[key])]
+    assert not unchanged, unchanged
