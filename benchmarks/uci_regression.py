@@ -29,6 +29,10 @@ rows, which is what the full run can afford on 2 CPU cores):
 - ``ensemble``: 5 MAP networks from different initialisations, a uniform mixture (Lakshminarayanan
   et al. 2017 without their adversarial training and with homoscedastic noise).
 
+``--kl-warmup F`` (default 0) runs epoch ``e`` of ``E`` of every method under
+:func:`pyro_flowvi.bnn.kl_weight` with ``beta = min(1, e / (F * E))``: the KL term (MAP: the
+log prior) rises linearly to full weight over the first fraction ``F`` of the epochs.
+
 The test log-likelihood of every method is a Monte Carlo mixture over posterior draws
 (:func:`pyro_flowvi.bnn.predictive_log_likelihood`, logsumexp over draws), and over members for
 the ensemble. One JSON line per (data set, split, method) goes to stdout and to
@@ -62,6 +66,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -83,6 +88,7 @@ from pyro_flowvi.bnn import (
     AutoMNFGuide,
     BayesianMLP,
     fit_epochs,
+    kl_weight,
     log_likelihood_draws,
     mixture_log_likelihood,
 )
@@ -108,6 +114,10 @@ DEFAULT_BUDGET = {
 }
 HIDDEN = 50
 NOISE_PRIOR = (1.0, 0.01)
+# The optimizer of every method: lr 0.01 decaying geometrically to 0.001, no KL warm-up (the
+# full run of docs/bnn_uci.md). --kl-warmup F scales every term but the likelihood (MAP: the
+# log prior) by min(1, epoch / (F * epochs)); see docs/bnn_uci.md, "what was tried".
+LR, LR_DECAY, KL_WARMUP = 0.01, 0.1, 0.0
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -229,6 +239,10 @@ def _metrics(draws: list[torch.Tensor], means: list[torch.Tensor], data: dict) -
     return {"rmse": rmse, "test_ll": float(lpd.mean())}
 
 
+def _kl_context(beta: float):
+    return kl_weight(beta) if beta < 1 else contextlib.nullcontext()
+
+
 class _Fit:
     """One network of one method (an ensemble has several), with its own parameter store."""
 
@@ -248,9 +262,9 @@ class _Fit:
         self.cpu_seconds = 0.0
         self.elbo = math.nan
 
-    def epoch(self) -> None:
+    def epoch(self, beta: float = 1.0) -> None:
         cpu = time.process_time()
-        with pyro.get_param_store().scope(self.state):
+        with pyro.get_param_store().scope(self.state), _kl_context(beta):
             result = fit_epochs(
                 self.model,
                 self.guide,
@@ -299,10 +313,12 @@ def train_methods(
     epochs = args.budget[0]
     eval_epochs = sorted(e for e in set(args.eval_epochs) if 0 < e < epochs)
     curves: dict[str, list[dict]] = {m: [] for m in methods}
+    warm = args.kl_warmup * epochs  # KL warm-up: beta = epoch / warm until it reaches 1
     for epoch in range(1, epochs + 1):
+        beta = min(1.0, epoch / warm) if warm > 0 else 1.0
         for method in methods:
             for fit in fits[method]:
-                fit.epoch()
+                fit.epoch(beta)
         if epoch in eval_epochs:  # development learning curves, outside the timed fits
             state = torch.random.get_rng_state()
             for method in methods:
@@ -477,8 +493,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=parse_budget, default={}, help="per data set: name=EPOCHS:BATCH,..."
     )
-    p.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=0.1, help="final lr / initial lr")
+    p.add_argument("--lr", type=float, default=LR, help="initial Adam learning rate")
+    p.add_argument("--lr-decay", type=float, default=LR_DECAY, help="final lr / initial lr")
     p.add_argument("--prior-scale", type=float, default=1.0, help="s of the N(0, s^2) priors")
     p.add_argument(
         "--noise-prior",
@@ -489,6 +505,12 @@ def parser() -> argparse.ArgumentParser:
         help="Gamma prior of the noise precision (standardized units)",
     )
     p.add_argument("--mnf-init-z-scale", type=float, default=0.1, help="AutoMNFGuide option")
+    p.add_argument(
+        "--kl-warmup",
+        type=float,
+        default=KL_WARMUP,
+        help="fraction of the epochs over which the KL weight rises linearly to 1 (0: none)",
+    )
     p.add_argument("--num-samples", type=int, default=100, help="posterior draws per test LL")
     p.add_argument("--ensemble-size", type=int, default=5)
     p.add_argument("--eval-epochs", type=int, nargs="*", default=[], help="learning curves")
@@ -541,6 +563,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for value, label in ((args.epochs, "--epochs"), (args.batch_size, "--batch-size")):
         if value is not None and value < 1:
             raise SystemExit(f"uci_regression: {label} must be >= 1, got {value}")
+    if not 0 <= args.kl_warmup <= 1:
+        raise SystemExit(f"uci_regression: --kl-warmup must be in [0, 1], got {args.kl_warmup}")
     if args.jobs < 1:
         raise SystemExit(f"uci_regression: --jobs must be >= 1, got {args.jobs}")
     return args
@@ -617,7 +641,13 @@ def main(args: argparse.Namespace) -> dict:
         f"{wall / 60:.1f} min (entries already in results.jsonl are not rerun); CPU time of the "
         f"fits in the table {cpu / 60:.1f} min (summed over processes, evaluation excluded).\n\n"
         f"Budget of every method: Adam (ClippedAdam, clip 10) from lr {args.lr:g} decaying "
-        f"geometrically to {args.lr * args.lr_decay:g}; N(0, {args.prior_scale:g}^2) priors; "
+        f"geometrically to {args.lr * args.lr_decay:g}; "
+        + (
+            f"KL weight rising linearly to 1 over the first {args.kl_warmup:.0%} of the epochs; "
+            if args.kl_warmup > 0
+            else ""
+        )
+        + f"N(0, {args.prior_scale:g}^2) priors; "
         f"noise precision ~ Gamma{tuple(args.noise_prior)}; {args.num_samples} posterior draws "
         "per test log-likelihood (1 per MAP network); epochs and batch size per data set below."
         "\n\n" + markdown_table(summary, list(args.methods))

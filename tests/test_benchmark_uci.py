@@ -140,6 +140,29 @@ def test_protocol_pieces(bench, tmp_path):
     assert bench.parse_budget("yacht=400:32,toy=5:8") == {"yacht": (400, 32), "toy": (5, 8)}
 
 
+def test_default_optimizer_and_kl_warmup(bench, tmp_path, monkeypatch):
+    # the defaults of docs/bnn_uci.md's table: lr 0.01 decaying to 0.001, no KL warm-up
+    args = tiny_args(bench, tmp_path, tmp_path / "o")
+    assert (args.lr, args.lr_decay, args.kl_warmup) == (0.01, 0.1, 0.0)
+    assert args.lr * args.lr_decay == pytest.approx(1e-3)
+    # every method's epoch e of E runs under kl_weight(min(1, e / (0.3 E)))
+    seen = []
+    real = bench.kl_weight
+    monkeypatch.setattr(bench, "kl_weight", lambda beta: seen.append(beta) or real(beta))
+    write_dataset(tmp_path, "toy", rows=24)
+    data = bench.standardize(bench.load_split(tmp_path, "toy", 0))
+    task = tiny_args(
+        bench, tmp_path, tmp_path / "o", "--methods", "mnf", "map", "--kl-warmup", "0.3"
+    )
+    task.budget = (10, 32)
+    bench.train_methods(["mnf", "map"], data, task, seed=0)
+    assert seen == pytest.approx([b for b in (1 / 3, 2 / 3) for _ in range(2)])
+    task.kl_warmup = 0.0  # no warm-up: the ELBO from the first epoch
+    seen.clear()
+    bench.train_methods(["map"], data, task, seed=0)
+    assert seen == []
+
+
 def test_bad_arguments(bench, tmp_path):
     write_dataset(tmp_path, "toy")
     with pytest.raises(SystemExit, match="--splits must be in \\[1, 2\\]"):
@@ -160,6 +183,20 @@ def test_bad_arguments(bench, tmp_path):
     with pytest.raises(SystemExit, match="K or NAME=K, got 'toy=two'"):
         bench.main(
             tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "toy", "--splits", "toy=two")
+        )
+    with pytest.raises(SystemExit, match="--kl-warmup must be in \\[0, 1\\], got 1.5"):
+        bench.main(
+            tiny_args(
+                bench,
+                tmp_path,
+                tmp_path / "o",
+                "--datasets",
+                "toy",
+                "--splits",
+                "1",
+                "--kl-warmup",
+                "1.5",
+            )
         )
     with pytest.raises(SystemExit, match="no splits for 'nope'"):
         bench.main(tiny_args(bench, tmp_path, tmp_path / "o", "--datasets", "nope"))

@@ -20,6 +20,7 @@ from pyro_flowvi.bnn import (
     AutoMNFGuide,
     BayesianMLP,
     fit_epochs,
+    kl_weight,
     log_likelihood_draws,
     mixture_log_likelihood,
     predictive_log_likelihood,
@@ -273,6 +274,77 @@ def test_fit_epochs_callback_stops_early_and_generator_reproduces():
     assert [c.tolist() for c, _ in model.calls][1:] == first[1:]  # [0] is the guide's setup
 
 
+# -- KL warm-up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guide_class", [AutoMeanFieldGuide, AutoMNFGuide])
+def test_kl_weight_scales_the_kl_term_and_not_the_likelihood(guide_class):
+    # the estimate is linear in beta at fixed draws: loss(beta) = -E[log p(y | W)] + beta KL,
+    # with the MNF guide's log r factor and auxiliary site inside the KL
+    model = regression_model()
+    x, y = torch.randn(9, 3), torch.randn(9)
+    guide = guide_class(model)
+    guide(x, y, num_data=90)
+    elbo = TraceMeanField_ELBO()
+
+    def loss(beta):
+        pyro.set_rng_seed(5)
+        with guide.step_context(), kl_weight(beta):
+            return elbo.differentiable_loss(model, guide, x, y, num_data=90).item()
+
+    losses = {beta: loss(beta) for beta in (0.0, 0.25, 1.0)}
+    kl = losses[1.0] - losses[0.0]
+    assert kl > 1.0  # a real KL term, not a rounding difference
+    assert losses[0.25] == pytest.approx(losses[0.0] + 0.25 * kl, rel=1e-10)
+    # beta = 0 leaves the likelihood alone: minus the log-likelihood of the drawn network
+    pyro.set_rng_seed(5)
+    with kl_weight(0.0):
+        guide_trace = poutine.trace(guide).get_trace(x, y, num_data=90)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            x, y, num_data=90
+        )
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    assert model_trace.nodes["obs"]["scale"] == 10.0  # the plate's N / B, not scaled by beta
+    for trace in (model_trace, guide_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and name != "obs":
+                assert float(site["log_prob_sum"].detach()) == 0.0, name
+
+
+def test_kl_weight_rejects_beta_outside_the_unit_interval():
+    for beta in (-0.1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"kl_weight: beta must be a number in \[0, 1\]"):
+            kl_weight(beta)
+
+
+def test_fit_epochs_kl_warmup_runs_epoch_e_at_beta_e_over_E():
+    # kl_warmup=3 over 4 epochs = epochs at beta 1/3, 2/3, 1, 1 under kl_weight, bit for bit
+    x, y = torch.randn(12, 3), torch.randn(12)
+
+    def run(warmup, betas):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        model = regression_model()
+        guide = AutoMeanFieldGuide(model)
+        common = dict(
+            batch_size=5, optim=pyro.optim.Adam({"lr": 0.05}), loss=TraceMeanField_ELBO()
+        )
+        if warmup:
+            fit_epochs(model, guide, x, y, num_epochs=4, kl_warmup=warmup, **common)
+        for beta in betas:
+            with kl_weight(beta):
+                fit_epochs(model, guide, x, y, num_epochs=1, **common)
+        return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    warm = run(3, ())
+    manual = run(0, (1 / 3, 2 / 3, 1.0, 1.0))
+    plain = run(0, (1.0, 1.0, 1.0, 1.0))
+    assert warm.keys() == manual.keys() == plain.keys()
+    assert all(torch.equal(warm[k], manual[k]) for k in warm)
+    assert not all(torch.equal(warm[k], plain[k]) for k in warm)
+
+
 @pytest.mark.parametrize(
     "data, kwargs, match",
     [
@@ -282,6 +354,8 @@ def test_fit_epochs_callback_stops_early_and_generator_reproduces():
         ((torch.zeros(3),), {"num_epochs": 0}, "num_epochs must be an int >= 1, got 0"),
         ((torch.zeros(3),), {"batch_size": 2.5}, "batch_size must be an int >= 1, got 2.5"),
         ((torch.zeros(3),), {"lr": 0.1, "optim": pyro.optim.Adam({})}, "lr .* or optim"),
+        ((torch.zeros(3),), {"kl_warmup": -1}, "kl_warmup must be an int >= 0, got -1"),
+        ((torch.zeros(3),), {"kl_warmup": 0.5}, "kl_warmup must be an int >= 0, got 0.5"),
     ],
 )
 def test_fit_epochs_rejects_bad_input_before_any_step(data, kwargs, match):

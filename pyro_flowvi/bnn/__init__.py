@@ -7,7 +7,7 @@ from .local_reparam import LocalReparameterizationMessenger, local_reparameteriz
 from .mnf import AutoMNFGuide
 from .models import NOISE_SITE, BayesianConvNet, BayesianMLP, bayesian_layer
 from .predictive import log_likelihood_draws, mixture_log_likelihood, predictive_log_likelihood
-from .training import EpochFitResult, fit_epochs
+from .training import EpochFitResult, fit_epochs, kl_weight
 from .weight import GaussianWeight
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "LocalReparameterizationMessenger",
     "bayesian_layer",
     "fit_epochs",
+    "kl_weight",
     "local_reparameterization",
     "log_likelihood_draws",
     "mixture_log_likelihood",

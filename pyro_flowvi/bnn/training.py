@@ -15,12 +15,27 @@ an unbiased estimate of the full-data ELBO at every step. Each step is a full
 :func:`~pyro_flowvi.fit` step: the guide's ``step_context()`` (local reparameterization) is
 entered, and a non-finite loss or gradient stops the fit with
 :class:`~pyro_flowvi.fit.NonFiniteLossError` before any update.
+
+KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): under :func:`kl_weight` every term of
+the bound but the likelihood is scaled by :math:`\beta`,
+
+.. math::
+
+    \mathcal L_\beta = \mathbb E_q\bigl[\log p(y \mid x, W)\bigr]
+        - \beta\, \mathrm{KL}(q \,\|\, p),
+
+and ``fit_epochs(kl_warmup=E)`` raises :math:`\beta` linearly over the first :math:`E`
+epochs, :math:`\beta_e = \min(1, e / E)` in epoch :math:`e = 1, 2, \dots`, so that the
+network fits the data before the prior and the entropy pull the weights apart; from epoch
+:math:`E` on the objective is the ELBO itself. (Only :math:`\beta = 1` is a bound on the log
+evidence.)
 """
 
 from __future__ import annotations
 
-__all__ = ["EpochFitResult", "fit_epochs"]
+__all__ = ["EpochFitResult", "fit_epochs", "kl_weight"]
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -31,9 +46,55 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from ..fit import fit
+
+
+class _KLWeightMessenger(Messenger):
+    """Scales every sample site but an observed site of the model by ``beta``."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample":
+            return
+        # a model's likelihood is observed; a guide's factor is observed but auxiliary
+        if not msg["is_observed"] or msg["infer"].get("is_auxiliary", False):
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def kl_weight(beta: float) -> Messenger:
+    r"""A context (effect handler) under which an ELBO weighs its KL term by ``beta``.
+
+    Every sample site is scaled by :math:`\beta` except the observed sites of the model: the
+    model's latent sites (:math:`\log p(W)`) and every site of the guide (:math:`\log q`,
+    auxiliary sites and guide factors such as :class:`~pyro_flowvi.bnn.AutoMNFGuide`'s
+    :math:`\log r` term included). An ELBO run inside it estimates
+    :math:`\mathbb E_q[\log p(y \mid W)] - \beta\, \mathrm{KL}(q \| p)` (the analytic KL
+    of ``TraceMeanField_ELBO`` too). Wrap the whole step (the model and the guide runs).
+
+    Arguments:
+        beta: the weight :math:`\beta \in [0, 1]` (1: the ELBO; 0: the expected
+            log-likelihood alone).
+
+    Raises:
+        ValueError: for ``beta`` outside [0, 1].
+
+    Example:
+        >>> with kl_weight(0.5):  # doctest: +SKIP
+        ...     fit_epochs(model, guide, x, y, num_epochs=1, batch_size=128)
+
+    References:
+        Generating Sentences from a Continuous Space (Bowman et al., 2016, arXiv:1511.06349).
+        Ladder Variational Autoencoders (Sønderby et al., 2016, arXiv:1602.02282).
+    """
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 1:
+        raise ValueError(f"kl_weight: beta must be a number in [0, 1], got {beta!r}")
+    return _KLWeightMessenger(float(beta))
 
 
 @dataclass
@@ -80,6 +141,7 @@ def fit_epochs(
     generator: torch.Generator | None = None,
     num_data_kwarg: str | None = "num_data",
     callback: Callable[[int, float], Any] | None = None,
+    kl_warmup: int = 0,
     **kwargs: Any,
 ) -> EpochFitResult:
     r"""Fit ``guide`` to ``model`` by SVI over mini-batch epochs.
@@ -103,6 +165,9 @@ def fit_epochs(
             none (then the model must scale its likelihood itself).
         callback: called as ``callback(epoch, mean_elbo)`` after every epoch; a return value
             of ``True`` stops the fit early.
+        kl_warmup: epochs :math:`E` of KL warm-up: epoch :math:`e` (1-based) runs under
+            :func:`kl_weight` with :math:`\beta = \min(1, e / E)`; 0 (the default) fits the
+            ELBO from the start.
         **kwargs: further keyword arguments of the model and guide.
 
     Returns:
@@ -110,7 +175,7 @@ def fit_epochs(
 
     Raises:
         ValueError: for no data, tensors of different lengths, or bad ``num_epochs`` /
-            ``batch_size``, before any step.
+            ``batch_size`` / ``kl_warmup``, before any step.
         NonFiniteLossError: as :func:`pyro_flowvi.fit`, at the first non-finite step.
 
     Example:
@@ -122,6 +187,8 @@ def fit_epochs(
     """
     num_epochs = _positive_int(num_epochs, "num_epochs")
     batch_size = _positive_int(batch_size, "batch_size")
+    if isinstance(kl_warmup, bool) or not isinstance(kl_warmup, int) or kl_warmup < 0:
+        raise ValueError(f"fit_epochs: kl_warmup must be an int >= 0, got {kl_warmup!r}")
     if not data:
         raise ValueError("fit_epochs: pass the data tensors (e.g. x, y) to split into batches")
     for i, tensor in enumerate(data):
@@ -160,16 +227,18 @@ def fit_epochs(
             tuple(t[order[begin : begin + batch_size]] for t in data)
             for begin in range(0, num_data, batch_size)
         ]
-        result = fit(
-            model,
-            guide,
-            num_steps=len(epoch_batches),
-            batches=epoch_batches,
-            optim=optim,
-            loss=loss,
-            progress=False,
-            **kwargs,
-        )
+        beta = min(1.0, (epoch + 1) / kl_warmup) if kl_warmup else 1.0
+        with kl_weight(beta) if beta < 1 else contextlib.nullcontext():
+            result = fit(
+                model,
+                guide,
+                num_steps=len(epoch_batches),
+                batches=epoch_batches,
+                optim=optim,
+                loss=loss,
+                progress=False,
+                **kwargs,
+            )
         steps.extend(float(v) for v in result.elbo_trace)
         epochs.append(float(np.mean(steps[first:])))
         if callback is not None and callback(epoch, epochs[-1]) is True:
