@@ -95,6 +95,7 @@ from pyro_flowvi.benchmarks.synthetic import TARGETS, Target
 from pyro_flowvi.estimators import TraceIW_ELBO, TraceSTL_ELBO
 from pyro_flowvi.flows import FLOWS, build_flows
 from pyro_flowvi.guides import (
+    AutoFlowGuide,
     AutoHouseholderGuide,
     AutoIAFGuide,
     AutoNAFGuide,
@@ -291,6 +292,28 @@ GUIDES: dict[str, GuideSpec] = {
     "naf": GuideSpec(
         _ours(AutoNAFGuide), "pyro_naf", "AutoNAFGuide (3 NAF layers, 8 sigmoids, [2D,2D])", True
     ),
+    "spline_gelu": GuideSpec(
+        _ours(
+            AutoFlowGuide,
+            flows="spline-autoregressive",
+            flow_options={"hidden_dims": [64, 64], "activation": torch.nn.GELU, "bound": 8.0},
+        ),
+        "pyro_nsf",
+        "AutoFlowGuide('spline-autoregressive', flow_options={'hidden_dims': [64, 64], "
+        "'activation': nn.GELU, 'bound': 8.0}) (3 autoregressive RQ splines, 8 bins; not in "
+        "the default run)",
+        True,
+    ),
+    "spline_gelu_b10": GuideSpec(
+        _ours(
+            AutoFlowGuide,
+            flows="spline-autoregressive",
+            flow_options={"hidden_dims": [64, 64], "activation": torch.nn.GELU, "bound": 10.0},
+        ),
+        "pyro_nsf",
+        "spline_gelu with bound 10 (not in the default run)",
+        True,
+    ),
     "iaf_t": GuideSpec(
         _ours(AutoIAFGuide, base="studentt"),
         "pyro_iaf",
@@ -354,7 +377,7 @@ GUIDES: dict[str, GuideSpec] = {
     ),
 }
 # Run only when named with --guides.
-OPTIONAL = ["iaf_t", "iaf_affine", "pyro_nsf_default"]
+OPTIONAL = ["iaf_t", "iaf_affine", "spline_gelu", "spline_gelu_b10", "pyro_nsf_default"]
 OURS = [name for name, spec in GUIDES.items() if spec.ours]
 # The peers the quality comparison is made against (the equal-capacity Pyro stacks of the other
 # families are there for the time ratios).

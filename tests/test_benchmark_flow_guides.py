@@ -184,6 +184,22 @@ def test_equal_capacity_peers_match_our_sizes(bench):
     assert sum(1 for t in realnvp if "Coupling" in type(t).__name__) == 4
 
 
+def test_spline_gelu_builds_the_documented_configuration(bench):
+    # docs/benchmark_flow_guides.md and docs/guides.md recommend this configuration by its
+    # options: the guide the benchmark trains must be the one they name.
+    target = banana()
+    guide = bench.build_guide("spline_gelu", target.model, target, "stl")
+    guide()
+    assert guide.stick_the_landing and guide.flow_family == "spline-autoregressive"
+    layers = [layer for layer in guide.flow.layers if hasattr(layer, "made")]
+    assert len(layers) == 3
+    for layer in layers:
+        assert layer.transformer.bound == 8.0 and layer.transformer.bins == 8
+        assert layer.made.hidden_dims == [64, 64]
+        assert all(isinstance(a, torch.nn.GELU) for a in layer.made.activations)
+    assert "spline_gelu" in bench.OURS and "spline_gelu" in bench.OPTIONAL
+
+
 @pytest.mark.skipif(importlib.util.find_spec("zuko") is None, reason="zuko is not installed")
 def test_zuko_peer_runs_in_its_own_process(bench, tmp_path, restore_threads):
     args = _args(bench, tmp_path, "--guides", "zuko_nsf", "--estimators", "elbo")
