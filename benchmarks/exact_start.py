@@ -6,8 +6,10 @@ Target: the correlated Gaussian ``rotated_gaussian(dim, decades=2)`` of
 defaults (``init_scale="auto"``, which finds the exact Laplace start on a Gaussian for most
 families: ``init_choice`` says what it chose), then trained by :func:`pyro_flowvi.fit` with
 its defaults (Adam decaying from 1e-2 to 1e-4, divergence guard on) for ``--num-steps``
-(1000) steps, once per estimator: ``loss="elbo"`` (one particle, the default), ``"stl"``
-(one particle) and ``"iw"`` (8 particles, DReG). Peers (``AutoNormal``, Pyro's
+(1000) steps, once per estimator: ``loss="elbo"`` (one particle), ``"stl"`` (one particle),
+``"iw"`` (8 particles, DReG) and ``"default"`` (no loss and no particles given: the guide's
+own default, :attr:`~pyro_flowvi.guides.AutoFlowGuide.default_loss` with
+:attr:`~pyro_flowvi.guides.AutoFlowGuide.default_num_particles` vectorized particles). Peers (``AutoNormal``, Pyro's
 ``AutoIAFNormal`` and ``AutoNormalizingFlow`` spline stack, the zuko NSF guide of Pyro's
 tutorial in its own process) get the same calls from their own starts.
 
@@ -133,7 +135,7 @@ def run_cell(
                 guide,
                 *target.args,
                 num_steps=args.num_steps,
-                loss=estimator,
+                loss=None if estimator == "default" else estimator,
                 progress=False,
             )
         except (RuntimeError, ValueError, NotImplementedError) as failure:
@@ -237,7 +239,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     torch.set_default_dtype(getattr(torch, args.dtype))
     pyro.enable_validation(False)
     unknown = [g for g in args.guides if g not in flow_guides.GUIDES]
-    unknown += [e for e in args.estimators if e not in flow_guides.ESTIMATORS]
+    unknown += [e for e in args.estimators if e not in (*flow_guides.ESTIMATORS, "default")]
     if unknown:
         raise ValueError(f"unknown guides/estimators {unknown}")
     config = config_of(args)
@@ -261,7 +263,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                     if not todo:
                         continue
                     if flow_guides.GUIDES[name].process == "zuko":
-                        rows = run_zuko(dim, seed, todo, args)
+                        # zuko's guide has no default of fit's own: "default" is its "elbo"
+                        rows = run_zuko(dim, seed, [e for e in todo if e != "default"], args)
                     else:
                         rows = [
                             run_cell(name, builder(name, target), target, e, seed, args)

@@ -380,6 +380,46 @@ def _default_loss(guide: Any) -> str:
     return "elbo"
 
 
+def _default_num_particles(guide: Any) -> int | None:
+    """Particles for ``loss=None`` without ``num_particles``: a flow guide's
+    ``default_num_particles``, else ``None`` (the loss name's default)."""
+    from .guides.base import AutoFlowGuide
+
+    if isinstance(guide, AutoFlowGuide):
+        return guide.default_num_particles
+    return None
+
+
+def _vectorizable_or_one(
+    loss: Any, name: str, model: Callable, guide: Any, args: tuple, kwargs: dict
+) -> Any:
+    """``loss`` (vectorized particles) if the model and guide run with a leading particle
+    dimension, else the same loss with one particle and a warning that says why.
+
+    The probe is one pass of the loss without gradients; the random-number state is restored
+    after it, so the fit draws the same numbers as without it.
+    """
+    state = get_rng_state()
+    try:
+        with torch.no_grad(), poutine.block():
+            loss.loss(model, guide, *args, **kwargs)
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(
+            f"fit: the model did not run with {loss.num_particles} vectorized particles, the "
+            f"default for this guide ({type(error).__name__}: {reason[:200]}); training with "
+            "1 particle instead. Let every tensor op of the model broadcast over a leading "
+            "batch dimension (e.g. `(x * w.unsqueeze(-2)).sum(-1)` for `x @ w`) to get the "
+            "default's steadier steps, or pass num_particles=1 to keep this choice quietly.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return _loss(name, 1)
+    finally:
+        set_rng_state(state)
+    return loss
+
+
 @contextlib.contextmanager
 def _sticking(guide: Any, stl: bool) -> Iterator[None]:
     """With ``loss="stl"`` and a flow guide whose layers all invert, turn on the guide's
@@ -452,8 +492,12 @@ def fit(
             ``optim``.
         final_lr: learning rate of the default optimizer at the last step (default ``lr /
             100``; ``final_lr=lr`` keeps it constant); only without ``optim``.
-        num_particles: particles per step for a loss given by name (default 1 for
-            ``"elbo"`` and ``"stl"``, 8 for ``"iw"``); only with a loss name.
+        num_particles: vectorized particles per step for a loss given by name or the
+            default one. Default: with ``loss=None``, a flow guide's
+            :attr:`~pyro_flowvi.guides.AutoFlowGuide.default_num_particles` (8 with STL, 16
+            with the plain ELBO: fewer particles let Adam wander off the optimum), 1 for
+            other guides; with a loss name, 1 for ``"elbo"`` and ``"stl"``, 8 for ``"iw"``.
+            Not with an ELBO object.
         progress: show a tqdm progress bar (step, smoothed ELBO, rate) on a terminal or in a
             Jupyter kernel (a notebook widget there when ipywidgets is installed); quiet in
             other processes (CI, pytest, output piped to a file) and without tqdm.
@@ -589,7 +633,10 @@ def fit(
     names = build_params(model, guide, first_args, first_kwargs)
     if requested is None:
         requested = _default_loss(guide)
-        loss = _loss(requested, num_particles)
+        particles = num_particles or _default_num_particles(guide)
+        loss = _loss(requested, particles)
+        if num_particles is None and particles is not None and particles > 1:
+            loss = _vectorizable_or_one(loss, requested, model, guide, first_args, first_kwargs)
     if sync is not None:
         sync.start_together(_params(names), _buffers(model, guide), "fit")
     known = set(names)

@@ -341,7 +341,8 @@ def test_checkpoint_holds_only_this_fits_parameters(data, tmp_path):
 def regression(x, y):
     w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     with pyro.plate("n", x.shape[0]):
-        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+        # broadcasts over a leading particle dimension, unlike x @ w
+        pyro.sample("y", dist.Normal((x * w.unsqueeze(-2)).sum(-1), 0.5), obs=y)
 
 
 def test_resume_of_a_flow_guide_with_laplace_start_reproduces_the_fit(tmp_path):

@@ -136,3 +136,46 @@ def test_default_stl_training_moves_every_parameter_with_vectorized_particles(na
     assert torch.isfinite(torch.as_tensor(result.elbo_trace)).all()
     unchanged = [key for key, p in guide.named_parameters() if torch.equal(p, before[key])]
     assert not unchanged, unchanged
+
+
+def test_default_particles_of_fit():
+    # 8 vectorized particles with the STL default, 16 with the plain ELBO default; a loss
+    # given by name keeps its own default (1), other guides train with 1, and an explicit
+    # num_particles wins.
+    x, y = _regression_data()
+    cases = [
+        (AutoPlanarGuide, {}, 8),
+        (AutoIAFGuide, {}, 16),
+        (AutoIAFGuide, {"loss": "elbo"}, 1),
+        (AutoPlanarGuide, {"loss": "stl"}, 1),
+        (AutoIAFGuide, {"num_particles": 2}, 2),
+        (AutoNormal, {}, 1),
+    ]
+    for make, options, expected in cases:
+        pyro.clear_param_store()
+        result = fit(
+            regression_model, make(regression_model), x, y, num_steps=2, progress=False, **options
+        )
+        assert result.loss.num_particles == expected, (make, options)
+        assert result.loss.vectorize_particles == (expected > 1)
+
+
+def matmul_model(x, y=None):
+    w = pyro.sample("w", pyro.distributions.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        # x @ w cannot take a leading particle dimension of w
+        pyro.sample("y", pyro.distributions.Normal(x @ w, 0.5), obs=y)
+
+
+@pytest.mark.parametrize("make", [AutoIAFGuide, AutoPlanarGuide])
+def test_a_model_without_a_particle_dimension_trains_with_one_particle_and_says_why(make):
+    x, y = _regression_data()
+    pyro.set_rng_seed(3)
+    with pytest.warns(UserWarning, match=r"did not run with (8|16) vectorized particles"):
+        fallback = fit(matmul_model, make(matmul_model), x, y, num_steps=4, progress=False)
+    assert fallback.loss.num_particles == 1
+    # the probe leaves the random numbers alone: the same trace as asking for one particle
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    one = fit(matmul_model, make(matmul_model), x, y, num_steps=4, num_particles=1, progress=False)
+    assert fallback.elbo_trace.tolist() == one.elbo_trace.tolist()
