@@ -625,7 +625,7 @@ class AutoFlowGuide(AutoContinuous):
         16 particles for the IAF, from 0.63 to 0.12 and 0.07 with 8 and 16 for the
         autoregressive spline, from 0.14 to 0.05 with 8 for NAF; STL's fell from 0.16 to
         0.001 with 8 for the Householder Sylvester guide (docs/guides.md, "Default
-        training"). Vectorized particles cost 1.1-2.5x a one-particle step on these models;
+        training"). Vectorized particles cost 1.0-2.5x a one-particle step on these models;
         pass ``num_particles`` to :func:`~pyro_flowvi.fit` to choose otherwise (1 for a
         model that cannot take a batch dimension of particles).
         """
