@@ -9,9 +9,10 @@ its defaults (Adam decaying from 1e-2 to 1e-4, divergence guard on) for ``--num-
 (1000) steps, once per estimator: ``loss="elbo"`` (one particle), ``"stl"`` (one particle),
 ``"iw"`` (8 particles, DReG) and ``"default"`` (no loss and no particles given: the guide's
 own default, :attr:`~pyro_flowvi.guides.AutoFlowGuide.default_loss` with
-:attr:`~pyro_flowvi.guides.AutoFlowGuide.default_num_particles` vectorized particles). Peers (``AutoNormal``, Pyro's
-``AutoIAFNormal`` and ``AutoNormalizingFlow`` spline stack, the zuko NSF guide of Pyro's
-tutorial in its own process) get the same calls from their own starts.
+:attr:`~pyro_flowvi.guides.AutoFlowGuide.default_num_particles` vectorized particles).
+Peers (``AutoNormal``, Pyro's ``AutoIAFNormal`` and ``AutoNormalizingFlow`` spline stack, the
+zuko NSF guide of Pyro's tutorial in its own process) get the same calls from their own
+starts.
 
 Per cell: KL(q || p) = -ELBO at the start and after training, from ``--num-draws`` (2000)
 fresh draws with its standard error, whether it ended within ``--tolerance`` (0.1), the PSIS
