@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors arK --guides 'AutoFlowGuide spline-AR GELU [64,64] bound 8' --results-dir benchmarks/results/reference_posteriors_spline_gelu --out ''
