@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors arK --guides AutoNeuralSplineGuide AutoRealNVPGuide AutoNAFGuide 'AutoNeuralSplineGuide, t base' 'AutoRealNVPGuide, t base' 'AutoNAFGuide, t base' --results-dir benchmarks/results/reference_posteriors_completion --out ''
