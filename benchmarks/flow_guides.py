@@ -240,6 +240,9 @@ def _nf(make: Callable[[int], torch.nn.Module]) -> Callable:
     return lambda m, t: AutoNormalizingFlow(m, make)
 
 
+# The banana's spline configuration (docs/benchmark_flow_guides.md, "The banana target").
+SPLINE_GELU_OPTIONS = {"hidden_dims": [64, 64], "activation": torch.nn.GELU, "bound": 8.0}
+
 GUIDES: dict[str, GuideSpec] = {
     "planar": GuideSpec(_ours(AutoPlanarGuide), "pyro_planar", "AutoPlanarGuide (8 layers)", True),
     "radial": GuideSpec(_ours(AutoRadialGuide), "pyro_radial", "AutoRadialGuide (8 layers)", True),
@@ -293,11 +296,7 @@ GUIDES: dict[str, GuideSpec] = {
         _ours(AutoNAFGuide), "pyro_naf", "AutoNAFGuide (3 NAF layers, 8 sigmoids, [2D,2D])", True
     ),
     "spline_gelu": GuideSpec(
-        _ours(
-            AutoFlowGuide,
-            flows="spline-autoregressive",
-            flow_options={"hidden_dims": [64, 64], "activation": torch.nn.GELU, "bound": 8.0},
-        ),
+        _ours(AutoFlowGuide, flows="spline-autoregressive", flow_options=SPLINE_GELU_OPTIONS),
         "pyro_nsf",
         "AutoFlowGuide('spline-autoregressive', flow_options={'hidden_dims': [64, 64], "
         "'activation': nn.GELU, 'bound': 8.0}) (3 autoregressive RQ splines, 8 bins; not in "
@@ -308,7 +307,7 @@ GUIDES: dict[str, GuideSpec] = {
         _ours(
             AutoFlowGuide,
             flows="spline-autoregressive",
-            flow_options={"hidden_dims": [64, 64], "activation": torch.nn.GELU, "bound": 10.0},
+            flow_options={**SPLINE_GELU_OPTIONS, "bound": 10.0},
         ),
         "pyro_nsf",
         "spline_gelu with bound 10 (not in the default run)",

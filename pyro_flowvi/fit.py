@@ -371,23 +371,14 @@ def _loss(loss: Any, num_particles: int | None) -> Any:
     return Trace_ELBO(particles, vectorize_particles=particles > 1)
 
 
-def _default_loss(guide: Any) -> str:
-    """The loss name for ``loss=None``: a flow guide's ``default_loss``, else ``"elbo"``."""
+def _default_training(guide: Any) -> tuple[str, int | None]:
+    """The loss name and particles for ``loss=None``: a flow guide's ``default_loss`` and
+    ``default_num_particles``, else ``"elbo"`` and ``None`` (the loss name's default)."""
     from .guides.base import AutoFlowGuide
 
     if isinstance(guide, AutoFlowGuide):
-        return guide.default_loss
-    return "elbo"
-
-
-def _default_num_particles(guide: Any) -> int | None:
-    """Particles for ``loss=None`` without ``num_particles``: a flow guide's
-    ``default_num_particles``, else ``None`` (the loss name's default)."""
-    from .guides.base import AutoFlowGuide
-
-    if isinstance(guide, AutoFlowGuide):
-        return guide.default_num_particles
-    return None
+        return guide.default_loss, guide.default_num_particles
+    return "elbo", None
 
 
 def _vectorizable_or_one(
@@ -632,8 +623,8 @@ def fit(
 
     names = build_params(model, guide, first_args, first_kwargs)
     if requested is None:
-        requested = _default_loss(guide)
-        particles = num_particles or _default_num_particles(guide)
+        requested, default_particles = _default_training(guide)
+        particles = num_particles or default_particles
         loss = _loss(requested, particles)
         if num_particles is None and particles is not None and particles > 1:
             loss = _vectorizable_or_one(loss, requested, model, guide, first_args, first_kwargs)
