@@ -10,6 +10,7 @@ import pandas as pd
 import pyro
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 
 from pyro_flowvi.benchmarks import init_to_median_or_feasible
@@ -87,7 +88,27 @@ def test_main_writes_rows_and_goals(bench, tmp_path):
     assert list(cached.index) == list(table.index)
     text = (tmp_path / "table.md").read_text()
     assert "| AutoPlanarGuide, t base |" in text
+    # --training default: our guides train as fit does without a loss, Pyro's with Trace_ELBO
+    # and --num-particles; the table says which.
+    assert list(table["training"]) == ["ELBO x 2", "STL x 8", "STL x 8"]
+    assert "| AutoPlanarGuide | STL x 8 |" in text
+    assert "| AutoNormal | ELBO x 2 |" in text
     # The goal row names the flow guide with the highest ELBO, whichever its base.
     flows = table.loc[["AutoPlanarGuide", "AutoPlanarGuide, t base"]]
     best = flows["elbo"].idxmax()
     assert f"| arK | {best} |" in text
+
+
+@pytest.mark.parametrize(
+    "ours, training, expected",
+    [(True, "default", None), (True, "elbo", 3), (False, "default", 3), (False, "elbo", 3)],
+)
+def test_loss_of_each_guide(bench, ours, training, expected):
+    # None lets fit choose the guide's documented default; otherwise Trace_ELBO, K particles
+    args = bench.parse_args(["--training", training, "--num-particles", str(expected or 3)])
+    loss = bench._loss(ours, args)
+    if expected is None:
+        assert loss is None
+    else:
+        assert type(loss) is Trace_ELBO
+        assert loss.num_particles == 3 and loss.vectorize_particles
