@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pyro_flowvi.flows import IAF
+from pyro_flowvi.flows.householder import reflect_rows
 from pyro_flowvi.flows.made import MaskedLinear
 
 
@@ -58,3 +59,30 @@ def test_iaf_trains_after_a_call_in_inference_mode():
     (y.sum() + ladj.sum()).backward()
     assert torch.equal(y.detach(), y_inference)
     assert layer.made.output_layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reflect_rows_matches_the_triangular_form(dtype, reverse):
+    # The compact WY factor S is formed as gram * W; the former triu + diag form, bit for bit.
+    vectors = torch.randn(3, 6, 7, dtype=dtype)
+    x = torch.randn(3, 5, 7, dtype=dtype)
+    gram = vectors @ vectors.transpose(-1, -2)
+    s = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+    coefficients = x @ vectors.transpose(-1, -2)
+    if reverse:
+        solved = torch.linalg.solve_triangular(
+            s.transpose(-1, -2), coefficients, upper=False, left=False
+        )
+    else:
+        solved = torch.linalg.solve_triangular(s, coefficients, upper=True, left=False)
+    assert torch.equal(reflect_rows(x, vectors, reverse), x - solved @ vectors)
+
+
+def test_reflect_rows_trains_after_a_call_in_inference_mode():
+    vectors = torch.randn(4, 5, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2, 5, dtype=torch.float32)
+    with torch.inference_mode():
+        reflect_rows(x, vectors.detach())
+    reflect_rows(x, vectors).sum().backward()
+    assert vectors.grad is not None
