@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from pyro.optim.clipped_adam import ClippedAdam
 
-from pyro_flowvi.flows import IAF
+from pyro_flowvi.flows import IAF, ElementwiseAffine
 from pyro_flowvi.flows.householder import reflect_rows
 from pyro_flowvi.flows.made import MaskedLinear
 
@@ -86,3 +88,56 @@ def test_reflect_rows_trains_after_a_call_in_inference_mode():
         reflect_rows(x, vectors.detach())
     reflect_rows(x, vectors).sum().backward()
     assert vectors.grad is not None
+
+
+def test_elementwise_affine_learns_location_and_scale_as_one_parameter():
+    layer = ElementwiseAffine(3, loc=torch.tensor([0.5, -1.0, 2.0]), scale=0.3)
+    assert [name for name, _ in layer.named_parameters()] == ["loc_raw_scale"]
+    torch.testing.assert_close(layer.loc, torch.tensor([0.5, -1.0, 2.0]))
+    loc, scale = layer.loc_scale()
+    assert torch.equal(loc, layer.loc)
+    torch.testing.assert_close(scale, torch.full((3,), 0.3))
+    fixed = ElementwiseAffine(3, scale=0.3, learn_loc=False)
+    assert [name for name, _ in fixed.named_parameters()] == ["raw_scale"]
+    assert [name for name, _ in fixed.named_buffers()] == ["loc"]
+
+
+def test_elementwise_affine_loads_a_state_with_two_parameters():
+    # The state of a layer saved when loc and raw_scale were separate parameters.
+    layer = ElementwiseAffine(3)
+    loc, raw = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-0.5, 0.0, 0.5])
+    layer.load_state_dict({"loc": loc, "raw_scale": raw})
+    assert torch.equal(layer.loc, loc) and torch.equal(layer.raw_scale, raw)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({"loc": loc})
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [(torch.optim.Adam, {"lr": 0.05}), (ClippedAdam, {"lr": 0.05, "clip_norm": 0.1})],
+    ids=["adam", "clipped"],
+)
+def test_elementwise_affine_joint_parameter_trains_as_two(optimizer, options):
+    # Elementwise optimizers update the joint (2, D) parameter as they would update the
+    # location and the raw scale as two tensors: bit for bit with Pyro's ClippedAdam (fit's
+    # optimizer; it clips elementwise), to rounding with torch's Adam (its multi-tensor
+    # kernels group the elements otherwise).
+    torch.manual_seed(0)
+    layer = ElementwiseAffine(4, loc=torch.randn(4), scale=torch.rand(4) + 0.5)
+    loc = layer.loc.detach().clone().requires_grad_()
+    raw = layer.raw_scale.detach().clone().requires_grad_()
+    joint_opt = optimizer([layer.loc_raw_scale], **options)
+    split_opt = optimizer([loc, raw], **options)
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        for optimizer, (y, ladj) in (
+            (joint_opt, layer(x)),
+            (split_opt, (loc + F.softplus(raw) * x, F.softplus(raw).log().sum(-1).expand(16))),
+        ):
+            optimizer.zero_grad()
+            ((y**3).sum() - ladj.sum()).backward()
+            optimizer.step()
+    if optimizer is ClippedAdam:
+        assert torch.equal(layer.loc, loc) and torch.equal(layer.raw_scale, raw)
+    torch.testing.assert_close(layer.loc, loc, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(layer.raw_scale, raw, rtol=1e-12, atol=1e-14)
