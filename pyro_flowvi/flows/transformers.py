@@ -46,6 +46,8 @@ def _log_sigmoid(x: Tensor) -> Tensor:
 
 def _expand(value: Tensor, shape: torch.Size) -> Tensor:
     """``value.expand(shape)``, without an autograd node when the shape is already right."""
+    if torch.jit.is_tracing():  # sizes are tensors then
+        return value.expand(shape)
     return value if value.shape == shape else value.expand(shape)
 
 
