@@ -65,6 +65,45 @@ def test_orthogonalize_gradient_is_that_of_the_polar_factor():
     torch.testing.assert_close(grad, expected, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize(("shape", "kappa"), [((6, 6), 30.0), ((7, 3), 5.0), ((2, 5, 4), 10.0)])
+def test_orthogonalize_jacobian_is_that_of_the_polar_factor(shape, kappa):
+    # The derivative is added in closed form at the converged iterate; it must be the exact
+    # derivative of the polar factor (square, tall and batched matrices), which the SVD's
+    # derivative gives where the singular values are distinct.
+    batch = shape[:-2]
+    matrix = torch.stack(
+        [_with_condition_number(*shape[-2:], kappa) for _ in range(max(1, *batch, 1))]
+    ).reshape(shape)
+    jacobian = torch.autograd.functional.jacobian(orthogonalize, matrix)
+    expected = torch.autograd.functional.jacobian(_polar_factor, matrix)
+    torch.testing.assert_close(jacobian, expected, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthogonalize_value_does_not_depend_on_the_grad_mode(dtype):
+    matrix = _with_condition_number(8, 5, 100.0).to(dtype)
+    with torch.no_grad():
+        plain = orthogonalize(matrix)
+    tracked = orthogonalize(matrix.clone().requires_grad_())
+    assert tracked.requires_grad
+    assert torch.equal(tracked.detach(), plain)
+    torch.testing.assert_close(
+        tracked.detach().mT @ tracked.detach(),
+        torch.eye(5, dtype=dtype),
+        atol=10 * torch.finfo(dtype).eps,
+        rtol=0,
+    )
+
+
+def test_orthogonalize_gradient_float32_matches_float64():
+    matrix = _with_condition_number(6, 6, 20.0).requires_grad_()
+    weights = torch.randn(6, 6)
+    (grad64,) = torch.autograd.grad((weights * orthogonalize(matrix)).sum(), matrix)
+    single = matrix.detach().float().requires_grad_()
+    (grad32,) = torch.autograd.grad((weights.float() * orthogonalize(single)).sum(), single)
+    torch.testing.assert_close(grad32.double(), grad64, atol=1e-4, rtol=1e-4)
+
+
 def test_solve_monotone_finds_roots_of_a_nasty_increasing_function():
     # f(a) = a^3 + a - t: Newton from far away overshoots; the bracket keeps it safe.
     target = torch.tensor([-1e6, -3.0, 0.0, 1e-9, 2.5, 1e6])

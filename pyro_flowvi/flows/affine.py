@@ -31,6 +31,11 @@ class ElementwiseAffine(Flow):
         context_dim: for a conditional layer, :math:`(\mu, \rho)` come from a linear head on
             the context whose bias starts at ``(loc, softplus^{-1}(scale))``.
 
+    Attributes:
+        loc_raw_scale: with a learned location and no context, the one parameter, shape
+            ``(2, D)``: rows :math:`\mu` and :math:`\rho` (``loc`` and ``raw_scale`` read
+            them as views; a state dict with the two as separate entries still loads).
+
     Example:
         >>> layer = ElementwiseAffine(3, loc=torch.zeros(3), scale=0.1)
         >>> y, ladj = layer(torch.randn(10, 3))
@@ -58,18 +63,53 @@ class ElementwiseAffine(Flow):
         raw = raw + torch.log(-torch.expm1(-raw))  # inverse softplus
         self.learn_loc = learn_loc
         if context_dim is None:
-            self.raw_scale = nn.Parameter(raw)
             if learn_loc:
-                self.loc = nn.Parameter(loc_t)
+                # One parameter, rows (loc, raw scale): each parameter tensor costs a
+                # registration with Pyro and an optimizer update per step. Every elementwise
+                # optimizer (Adam, ClippedAdam, SGD) updates it exactly as the two halves.
+                self.loc_raw_scale = nn.Parameter(torch.stack([loc_t, raw]))
             else:
+                self.raw_scale = nn.Parameter(raw)
                 self.register_buffer("loc", torch.zeros(input_dim))
         else:
             self.head = context_head(context_dim, torch.cat([loc_t, raw]) if learn_loc else raw)
+
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
+        # ``loc`` and ``raw_scale`` of a learned location: views of the joint parameter.
+        if name in ("loc", "raw_scale"):
+            joint = self.__dict__["_parameters"].get("loc_raw_scale")
+            if joint is not None:
+                return joint[0 if name == "loc" else 1]
+        return super().__getattr__(name)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        # A state saved when the location and raw scale were two parameters.
+        loc, raw = prefix + "loc", prefix + "raw_scale"
+        if "loc_raw_scale" in self._parameters and loc in state_dict and raw in state_dict:
+            state_dict[prefix + "loc_raw_scale"] = torch.stack(
+                [state_dict.pop(loc), state_dict.pop(raw)]
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def loc_scale(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The current ``(loc, scale)``, of shape ``(D,)`` or ``(..., D)`` with a context."""
         self._check_context(context)
         if self.context_dim is None:
+            joint = self._parameters.get("loc_raw_scale")
+            if joint is not None:
+                loc, raw = joint.unbind(0)
+                return loc, F.softplus(raw)
             return self.loc, F.softplus(self.raw_scale)
         out = self.head(context)
         if self.learn_loc:

@@ -158,10 +158,10 @@ class Compose(Flow):
         self.has_inverse = all(layer.has_inverse for layer in layers)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        ladj = x.new_zeros(())
+        ladj = None  # the first layer's term as it is (0 + a is a), one addition fewer
         for layer in self.layers:
             x, step = layer(x, context if layer.context_dim is not None else None)
-            ladj = ladj + step
+            ladj = step if ladj is None else ladj + step
         return x, ladj.expand(x.shape[:-1]) if ladj.dim() == 0 else ladj
 
     def forward_with_inputs(

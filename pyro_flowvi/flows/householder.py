@@ -14,10 +14,21 @@ from __future__ import annotations
 
 __all__ = ["Householder", "reflect_rows"]
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from .base import Flow, context_head
+
+
+@functools.lru_cache(maxsize=64)
+def _wy_weights(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The constant ``(size, size)`` matrix with 1/2 on the diagonal, 1 above, 0 below."""
+    # (a normal tensor even when first made in inference mode, so that autograd can save it)
+    with torch.inference_mode(False), torch.no_grad():
+        ones = torch.ones(size, size, dtype=dtype, device=device)
+        return ones.triu(1) + 0.5 * torch.eye(size, dtype=dtype, device=device)
 
 
 def reflect_rows(x: Tensor, vectors: Tensor, reverse: bool = False) -> Tensor:
@@ -39,7 +50,9 @@ def reflect_rows(x: Tensor, vectors: Tensor, reverse: bool = False) -> Tensor:
         reverse: apply :math:`H_1` last instead of first (the inverse map).
     """
     gram = vectors @ vectors.transpose(-1, -2)
-    s = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+    # S = gram * W with W = 1/2 on the diagonal, 1 above and 0 below: the same values as
+    # triu(gram, 1) + diag(gram) / 2 (products by 1, 1/2 and 0 are exact), in one product.
+    s = gram * _wy_weights(gram.shape[-1], gram.dtype, gram.device)
     coefficients = x @ vectors.transpose(-1, -2)  # (..., N, K)
     # S^{-1} for the forward map, S^{-T} for the inverse (the transposed product).
     if reverse:

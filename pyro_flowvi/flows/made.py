@@ -50,11 +50,25 @@ class MaskedLinear(nn.Linear):
         if not weight_scale > 0:
             raise ValueError(f"MaskedLinear: weight_scale must be > 0, got {weight_scale!r}")
         self.weight_scale = float(weight_scale)
+        self._scaled_mask: Tensor | None = None
+        self._scaled_mask_key: tuple | None = None
 
     def effective_weight(self) -> Tensor:
         """The weight the layer applies: ``weight * mask * weight_scale``."""
-        weight = self.weight * self.mask
-        return weight if self.weight_scale == 1.0 else weight * self.weight_scale
+        weight = self.weight
+        scaled = self._scaled_mask
+        key = (self.mask.data_ptr(), self.mask._version, weight.dtype, weight.device)
+        if scaled is None or self._scaled_mask_key != key:
+            # mask * weight_scale in the weight's dtype, made from the boolean mask (so the
+            # same whatever dtypes the layer went through): the effective weight is then one
+            # product, the same values as (weight * mask) * weight_scale, without converting
+            # the mask at every call.
+            # (a normal tensor even when first made in inference mode, so that it can be saved
+            # for a backward pass later)
+            with torch.inference_mode(False), torch.no_grad():
+                scaled = self.mask.to(weight.dtype) * self.weight_scale
+            self._scaled_mask, self._scaled_mask_key = scaled, key
+        return weight * scaled
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight(), self.bias)

@@ -44,6 +44,13 @@ def _log_sigmoid(x: Tensor) -> Tensor:
     return -F.softplus(-x)
 
 
+def _expand(value: Tensor, shape: torch.Size) -> Tensor:
+    """``value.expand(shape)``, without an autograd node when the shape is already right."""
+    if torch.jit.is_tracing():  # sizes are tensors then
+        return value.expand(shape)
+    return value if value.shape == shape else value.expand(shape)
+
+
 def _log_sigmoid_exact(x: Tensor) -> Tensor:
     # softplus turns linear above its threshold (20 by default), dropping log1p(e^-20) = 2e-9;
     # above 40 the dropped term is below float64's resolution, and e^40 fits float32.
@@ -124,7 +131,7 @@ class AffineTransformer(Transformer):
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
         y = shift + torch.exp(log_scale) * x
-        return y, log_scale.expand(y.shape)
+        return y, _expand(log_scale, y.shape)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
@@ -166,7 +173,7 @@ class GatedAffineTransformer(Transformer):
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, log_scale = self._update(params)
         y = shift + scale * x
-        return y, log_scale.expand(y.shape)
+        return y, _expand(log_scale, y.shape)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, log_scale = self._update(params)

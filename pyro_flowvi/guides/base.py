@@ -500,7 +500,12 @@ class AutoFlowGuide(AutoContinuous):
         :class:`~pyro.infer.reparam.NeuTraReparam` reads these two methods.
         """
         self._built("get_base_dist")
-        loc = self._flow().layers[-1].loc
+        return self._base_dist(self._flow())
+
+    def _base_dist(self, flow: Compose) -> dist.TorchDistribution:
+        """:meth:`get_base_dist` for the stack ``flow`` already fetched (each access of
+        ``self.flow`` inside a guide call registers every parameter with Pyro again)."""
+        loc = flow.layers[-1].loc
         zero, one = torch.zeros_like(loc), torch.ones_like(loc)
         if self.base == "studentt":
             return dist.StudentT(self.base_df, zero, one).to_event(1)
@@ -523,7 +528,8 @@ class AutoFlowGuide(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        return FlowDistribution(self.get_base_dist(), self._flow())
+        flow = self._flow()
+        return FlowDistribution(self._base_dist(flow), flow)
 
     def sample_latent(self, *args: object, **kwargs: object) -> Tensor:
         """Draw the packed latent and score it in the same pass.
