@@ -113,7 +113,10 @@ def orthogonalize(
     reaches rounding level. The iteration then runs without autograd, and the derivative is
     that of the polar factor itself, added in closed form (:func:`_polar_tangent`: one
     :math:`M \times M` symmetric eigendecomposition and a few products), the limit of the
-    iterates' derivatives; the value is the iterate's, unchanged. While ``torch.jit.trace``
+    iterates' derivatives; the value is the iterate's, unchanged. That term is linear in
+    ``matrix``, so it gives first derivatives only: second derivatives through ``Q``
+    (``create_graph=True``) are not the polar factor's, and nothing in this package takes
+    them. While ``torch.jit.trace``
     records, the count is fixed at ``traced_iterations`` (24 steps cover
     :math:`\sqrt{M}\kappa` up to about 4000) and autograd runs through the steps. Whenever
     the iteration may not have converged (tracing, or ``max_iter`` reached), a QR
