@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors garch11 kilpisjarvi eight_schools_centered --results-dir benchmarks/results/reference_posteriors --out ''

@@ -1,0 +1,1 @@
+python benchmarks/reference_posteriors.py --posteriors diamonds arK gp_pois_regr --results-dir benchmarks/results/reference_posteriors --out ''
