@@ -141,9 +141,9 @@ def test_protocol_pieces(bench, tmp_path):
 
 
 def test_default_optimizer_and_kl_warmup(bench, tmp_path, monkeypatch):
-    # the defaults of docs/bnn_uci.md's table: lr 0.01 decaying to 0.001, no KL warm-up
+    # the defaults of docs/bnn_uci.md's table: lr 0.02 decaying to 0.001, KL warm-up over 10%
     args = tiny_args(bench, tmp_path, tmp_path / "o")
-    assert (args.lr, args.lr_decay, args.kl_warmup) == (0.01, 0.1, 0.0)
+    assert (args.lr, args.lr_decay, args.kl_warmup) == (0.02, 0.05, 0.1)
     assert args.lr * args.lr_decay == pytest.approx(1e-3)
     # every method's epoch e of E runs under kl_weight(min(1, e / (0.3 E)))
     seen = []
