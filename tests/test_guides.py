@@ -919,3 +919,32 @@ def test_first_adam_steps_keep_an_exact_start_close(name):
         log_p = torch.stack([log_density(point) for point in z])
     kl = float((log_q - log_p).mean())
     assert kl < 1.5, (name, kl)
+
+
+def test_neural_spline_guide_takes_the_banana_configuration():
+    # AutoNeuralSplineGuide(hidden_dims, activation, bound) is the same guide as
+    # AutoFlowGuide("spline-autoregressive", flow_options=...) with those options.
+    x, y = _regression_data()
+    options = {"hidden_dims": [8, 8], "activation": torch.nn.GELU, "bound": 8.0}
+    guides = []
+    for make in (
+        lambda: AutoNeuralSplineGuide(regression_model, **options),
+        lambda: AutoFlowGuide(regression_model, "spline-autoregressive", flow_options=options),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = make()
+        guide(x, y)
+        guides.append(guide)
+    ours, reference = guides
+    assert ours.flow_options == reference.flow_options
+    assert any(isinstance(m, torch.nn.GELU) for m in ours.flow.modules())
+    assert not any(isinstance(m, torch.nn.ELU) for m in ours.flow.modules())
+    state, expected = ours.flow.state_dict(), reference.flow.state_dict()
+    assert state.keys() == expected.keys()
+    for key in state:
+        assert torch.equal(state[key], expected[key]), key
+    with pytest.raises(ValueError, match="activation applies to the autoregressive layers"):
+        AutoNeuralSplineGuide(regression_model, coupling=True, activation=torch.nn.GELU)
+    with pytest.raises(ValueError, match="activation must be a torch.nn.Module class.*'gelu'"):
+        AutoNeuralSplineGuide(regression_model, activation="gelu")

@@ -22,6 +22,8 @@ __all__ = [
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from torch import nn
+
 from .base import AutoFlowGuide
 
 
@@ -175,6 +177,15 @@ class AutoNeuralSplineGuide(AutoFlowGuide):
             coordinates of the guide (default 5).
         hidden_dims: widths of the conditioner network (default: proportional to the latent
             size, capped).
+        activation: the autoregressive conditioner's nonlinearity, a module class such as
+            ``torch.nn.GELU`` (default ``torch.nn.ELU``); autoregressive layers only. The
+            configuration that wins on the 10-D banana of the flow benchmark is
+            ``hidden_dims=[64, 64], activation=torch.nn.GELU, bound=8.0``
+            (docs/guides.md).
+
+    Raises:
+        ValueError: ``coupling`` not a bool, or ``activation`` given with ``coupling=True``
+            or not a class of ``torch.nn.Module``.
 
     References:
         Neural Spline Flows (Durkan et al., 2019, arXiv 1906.04032)
@@ -189,15 +200,27 @@ class AutoNeuralSplineGuide(AutoFlowGuide):
         bins: int | None = None,
         bound: float | None = None,
         hidden_dims: int | Sequence[int] | None = None,
+        activation: type[nn.Module] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(coupling, bool):
             raise ValueError(
                 f"AutoNeuralSplineGuide: coupling must be True or False, got {coupling!r}"
             )
+        if activation is not None:
+            if coupling:
+                raise ValueError(
+                    "AutoNeuralSplineGuide: activation applies to the autoregressive layers "
+                    f"(coupling=False), got activation={activation!r} with coupling=True"
+                )
+            if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+                raise ValueError(
+                    "AutoNeuralSplineGuide: activation must be a torch.nn.Module class such as "
+                    f"torch.nn.GELU, got {activation!r}"
+                )
         self.coupling = coupling
         family = "spline-coupling" if coupling else "spline-autoregressive"
-        options = _given(bins=bins, bound=bound, hidden_dims=hidden_dims)
+        options = _given(bins=bins, bound=bound, hidden_dims=hidden_dims, activation=activation)
         super().__init__(
             model, family, flow_options=options, num_transforms=num_transforms, **kwargs
         )
