@@ -365,6 +365,9 @@ def _worker(rank, world, port, outdir):
                 outcome = {"error": traceback.format_exc()}
             torch.save(outcome, os.path.join(outdir, f"{name}-{rank}.pt"))
     finally:
+        # both processes reach the end before either tears gloo down: a process that exits
+        # while its peer still holds the connection can make the peer's gloo threads abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
