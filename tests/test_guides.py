@@ -944,7 +944,17 @@ def test_neural_spline_guide_takes_the_banana_configuration():
     assert state.keys() == expected.keys()
     for key in state:
         assert torch.equal(state[key], expected[key]), key
-    with pytest.raises(ValueError, match="activation applies to the autoregressive layers"):
+    # a factory of modules works as a class does
+    factory = AutoNeuralSplineGuide(
+        regression_model, activation=functools.partial(torch.nn.LeakyReLU, 0.1)
+    )
+    factory(x, y)
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in factory.flow.modules())
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['activation'\] of flow family 'spline-coupling'"
+    ):
         AutoNeuralSplineGuide(regression_model, coupling=True, activation=torch.nn.GELU)
-    with pytest.raises(ValueError, match="activation must be a torch.nn.Module class.*'gelu'"):
-        AutoNeuralSplineGuide(regression_model, activation="gelu")
+    with pytest.raises(ValueError, match="MADE: activation must be a class or factory.*'gelu'"):
+        AutoNeuralSplineGuide(regression_model, activation="gelu")(x, y)
+    with pytest.raises(ValueError, match="MADE: activation .* must make torch.nn.Module"):
+        AutoNeuralSplineGuide(regression_model, activation=lambda: torch.tanh)(x, y)

@@ -190,7 +190,18 @@ class MADE(nn.Module):
             self._hidden_degrees.append(hidden.tolist())
             previous = hidden
         self.hidden_layers = nn.ModuleList(layers)
-        self.activations = nn.ModuleList(activation() for _ in widths)
+        if not callable(activation):
+            raise ValueError(
+                "MADE: activation must be a class or factory of torch.nn.Module (e.g. "
+                f"torch.nn.GELU), got {activation!r}"
+            )
+        activations = [activation() for _ in widths]
+        if not all(isinstance(module, nn.Module) for module in activations):
+            raise ValueError(
+                f"MADE: activation {activation!r} must make torch.nn.Module instances, made "
+                f"{type(activations[0]).__name__}"
+            )
+        self.activations = nn.ModuleList(activations)
         output_degrees = input_degrees.repeat(num_outputs)
         self.output_layer = MaskedLinear(
             output_degrees[:, None] > previous[None, :],
