@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def exact():
-    spec = importlib.util.spec_from_file_location("exact_start", BENCHMARKS / "exact_start.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("exact_start") as module:
+        yield module
 
 
 @pytest.fixture

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def chance():
-    path = BENCHMARKS / "predictive_chance.py"
-    spec = importlib.util.spec_from_file_location("predictive_chance", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("predictive_chance") as module:
+        yield module
 
 
 def test_summary_counts_passes_and_ratios_to_the_anchor(chance):

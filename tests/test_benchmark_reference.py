@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pyro
 import pytest
 import torch
+from conftest import benchmark_script
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 
 from pyro_flowvi.benchmarks import init_to_median_or_feasible
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_posteriors.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("reference_posteriors_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("reference_posteriors", "reference_posteriors_benchmark") as module:
+        yield module
 
 
 def test_every_flow_guide_also_runs_with_a_studentt_base(bench):

@@ -3,27 +3,20 @@ layout of the UCI folders (the real data are not needed, nor shipped)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "uci_regression.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("uci_regression_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes look the task function up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("uci_regression", "uci_regression_benchmark") as module:
+        yield module
 
 
 @pytest.fixture(autouse=True)
