@@ -256,7 +256,10 @@ class _Fit:
         with store.scope() as self.state:
             pyro.set_rng_seed(seed)
             self.model = make_model(data["x_train"].shape[1], args.prior_scale, args.noise_prior)
-            mnf_options = {"init_z_scale": args.mnf_init_z_scale}
+            mnf_options = {
+                "init_z_scale": args.mnf_init_z_scale,
+                "reverse_model": args.mnf_reverse_model,
+            }
             self.guide, self.loss = make_guide(method, self.model, mnf_options)
         self.optim = _optimizer(args, steps)
         self.seconds = 0.0
@@ -506,6 +509,12 @@ def parser() -> argparse.ArgumentParser:
         help="Gamma prior of the noise precision (standardized units)",
     )
     p.add_argument("--mnf-init-z-scale", type=float, default=0.1, help="AutoMNFGuide option")
+    p.add_argument(
+        "--mnf-reverse-model",
+        default="tanh",
+        choices=("tanh", "conjugate"),
+        help="AutoMNFGuide's reverse model r(z | W)",
+    )
     p.add_argument(
         "--kl-warmup",
         type=float,
