@@ -36,6 +36,28 @@ def _float64_seeded_clean():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _pyro_handler_stack_left_empty(request):
+    # Pyro's effect-handler stack is one global list: a handler left on it (a trace, a plate)
+    # records or changes every later test's sample sites. Fail the test that leaves one, name
+    # what it left, and empty the stack so that no later test runs on top of it.
+    from pyro_flowvi.bnn._pyro_internals import _handler_stack
+
+    stack = _handler_stack()
+    if stack is None:  # the internal changed; tests/test_bnn_internals.py says so
+        yield
+        return
+    before = [type(h).__name__ for h in stack]
+    stack.clear()
+    if before:
+        pytest.fail(f"Pyro's handler stack held {before} before {request.node.nodeid}")
+    yield
+    after = [type(h).__name__ for h in stack]
+    stack.clear()
+    if after:
+        pytest.fail(f"{request.node.nodeid} left {after} on Pyro's handler stack")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _sigint_raises():
     # A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
