@@ -72,13 +72,21 @@ def _sigint_raises():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _import_script(path: Path, module_name: str, *, register: bool = False) -> ModuleType:
+    """Run the script at ``path`` as module ``module_name`` (with ``register``, entered in
+    ``sys.modules`` before its code runs)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_example(name: str) -> ModuleType:
     """Import ``examples/<name>.py`` (the examples are scripts, not a package)."""
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _import_script(path, f"example_{name}")
 
 
 @contextlib.contextmanager
@@ -87,11 +95,7 @@ def benchmark_script(name: str, module_name: str | None = None) -> Iterator[Modu
     ``name``), registered in ``sys.modules`` while in use: dataclasses and worker processes
     look their module up there."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name or name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield _import_script(path, module_name or name, register=True)
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop(module_name or name, None)
